@@ -1,0 +1,1 @@
+"""Patchsets: one YAML file per vLLM version range, shipped as package data."""
