@@ -1,0 +1,306 @@
+"""FlashHead's ``LogitsProcessor``: registered out of tree (``register_oot``) in place of vLLM's.
+
+``make_logits_processor(base_cls, spec)`` returns a subclass of the release's ``LogitsProcessor``.
+At construction it looks at the model vLLM is building (``get_current_vllm_config()``): a model
+without ``flash_head_cache_dir`` in its config gets the stock class itself (the instance's class
+is switched back, so nothing of FlashHead runs per call). A FlashHead model loads its assets from
+its own folder now and builds the ``FlashHead`` from ``lm_head.weight`` on the first call (the
+weights are not loaded yet at construction).
+
+Per call, the step plan (``flashhead.handlers.plan``) says which rows FlashHead serves; every
+other row, and every call without a matching plan, gets vLLM's own logits. Any error inside
+FlashHead gives the stock result for that call and is logged once: never a wrong token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashhead.handlers.plan import RowKind, StepPlan, plan_for_rows
+
+_log = logging.getLogger(__name__)
+
+
+def _logger() -> logging.Logger:
+    # vLLM only attaches handlers to its own "vllm" logger: log under it so that the lines show
+    # up in `vllm serve` output next to vLLM's own.
+    try:
+        from vllm.logger import init_logger
+
+        return init_logger("vllm.flashhead")
+    except Exception:
+        return _log
+
+
+_logged_once: set[str] = set()
+
+
+def _log_once(key: str, level: int, msg: str, *args: Any) -> None:
+    if key in _logged_once:
+        return
+    _logged_once.add(key)
+    _logger().log(level, msg, *args)
+
+
+def flashhead_enabled() -> bool:
+    """FLASHHEAD_ENABLED=0 serves FlashHead models dense (the model still loads)."""
+    try:
+        from flashhead.runtime import flashhead_active
+    except ImportError:
+        return os.environ.get("FLASHHEAD_ENABLED", "1").strip().lower() not in ("0", "false", "no")
+    return bool(flashhead_active())
+
+
+def model_identity() -> tuple[str, Mapping[str, Any]] | None:
+    """(model path, FlashHead-relevant config dict) of the model vLLM is building, if any.
+
+    Multimodal configs keep the language model's keys in ``text_config``.
+    """
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    if model_config is None:
+        return None
+    hf_config = model_config.hf_config
+    candidates = [hf_config, getattr(hf_config, "text_config", None)]
+    text_config = getattr(model_config, "hf_text_config", None)
+    if text_config is not None:
+        candidates.append(text_config)
+    for cfg in candidates:
+        if cfg is not None and getattr(cfg, "flash_head_cache_dir", None):
+            return str(model_config.model), cfg.to_dict()
+    return str(model_config.model), {}
+
+
+def resolve_model_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    # A hub id: only a local snapshot can be used (no download from a worker).
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+class _FlashHeadState:
+    """FlashHead bits of one logits processor (assets now, head on first use)."""
+
+    def __init__(self, model: str, model_dir: Path, assets: Any):
+        self.model = model
+        self.model_dir = model_dir
+        self.assets = assets
+        self.head: Any = None
+        self.weight_key: tuple[int, tuple[int, ...]] | None = None
+        self.dense_reason = ""
+
+    def head_for(self, lm_head: Any, vocab_size: int) -> Any:
+        """The FlashHead for this lm_head, or None (``dense_reason`` says why)."""
+        weight = getattr(lm_head, "weight", None)
+        if weight is None:
+            self.dense_reason = f"lm_head {type(lm_head).__name__} has no weight"
+            return None
+        key = (weight.data_ptr(), tuple(weight.shape))
+        if self.head is not None and key == self.weight_key:
+            return self.head
+        reason = _dense_head_reason(lm_head, weight, vocab_size, self.assets)
+        if reason:
+            self.dense_reason = reason
+            return None
+        from flashhead.head import FlashHead
+
+        self.head = FlashHead.build(weight[:vocab_size], self.assets)
+        self.weight_key = key
+        return self.head
+
+
+def _dense_head_reason(lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any) -> str:
+    if int(getattr(lm_head, "tp_size", 1) or 1) > 1:
+        return "tensor parallel lm_head (TP > 1): FlashHead serves single-rank heads only"
+    quant = getattr(lm_head, "quant_method", None)
+    if quant is not None and type(quant).__name__ not in (
+        "UnquantizedEmbeddingMethod",
+        "UnquantizedLinearMethod",
+    ):
+        return f"quantized lm_head ({type(quant).__name__}): FlashHead needs a dense weight"
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        return f"lm_head weight is {tuple(weight.shape)} {weight.dtype}, not a float matrix"
+    n_assigned = int(assets.assignments.shape[0])
+    if n_assigned != vocab_size or weight.shape[0] < vocab_size:
+        return (
+            f"cluster assignments cover {n_assigned} tokens, the model's vocabulary is "
+            f"{vocab_size} (lm_head has {weight.shape[0]} rows)"
+        )
+    return ""
+
+
+def _candidate_transform(scale: float, soft_cap: float | None) -> Callable | None:
+    """vLLM's soft_cap then scale, as in ``LogitsProcessor.forward``; None when both are off."""
+    if soft_cap is None and scale == 1.0:
+        return None
+
+    def transform(scores: torch.Tensor) -> torch.Tensor:
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
+        if scale != 1.0:
+            scores = scores * scale
+        return scores
+
+    return transform
+
+
+def make_logits_processor(base_cls: type, spec: Any = None) -> type:
+    """Factory for ``register_oot``: a subclass of ``base_cls`` with the same ``forward``
+    signature (``skip_gather`` exists from vLLM 0.29)."""
+    has_skip_gather = "skip_gather" in inspect.signature(base_cls.forward).parameters
+
+    class FlashHeadLogitsProcessor(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            state = _flashhead_state_for_current_model()
+            if state is None:
+                # Not a FlashHead model (or FlashHead off): be the stock class, no per-call cost.
+                self.__class__ = base_cls
+                return
+            self._flashhead = state
+
+        def _flashhead_forward(
+            self, lm_head: Any, hidden_states: torch.Tensor, embedding_bias: Any, stock: Callable
+        ) -> torch.Tensor | None:
+            state: _FlashHeadState = self._flashhead
+            if self.logits_as_input or embedding_bias is not None or hidden_states.dim() != 2:
+                return stock(hidden_states)
+            plan, _why = plan_for_rows(int(hidden_states.shape[0]))
+            if plan is None or not plan.flash_rows():
+                return stock(hidden_states)
+            try:
+                head = state.head_for(lm_head, self.org_vocab_size)
+                if head is None:
+                    _log_once(
+                        f"dense:{id(state)}",
+                        logging.WARNING,
+                        "FlashHead: %s is served dense: %s",
+                        state.model,
+                        state.dense_reason,
+                    )
+                    return stock(hidden_states)
+                logits = _plan_logits(
+                    head,
+                    hidden_states,
+                    plan,
+                    stock,
+                    _candidate_transform(self.scale, self.soft_cap),
+                )
+            except Exception as exc:
+                _log_once(
+                    f"error:{type(exc).__name__}",
+                    logging.ERROR,
+                    "FlashHead: error in the logits path, this call is served dense: %r",
+                    exc,
+                )
+                return stock(hidden_states)
+            if not plan.source.endswith("dummy"):
+                _log_once(
+                    "serving",
+                    logging.INFO,
+                    "FlashHead: serving decode steps of %s (c=%d clusters, s=%d tokens/cluster, "
+                    "p=%d probes, backend=%s)",
+                    state.model,
+                    int(getattr(head, "n_clusters", -1)),
+                    int(getattr(head, "cluster_size", -1)),
+                    int(getattr(head, "n_probes", -1)),
+                    getattr(head, "backend", "?"),
+                )
+            return logits
+
+        if has_skip_gather:
+
+            def forward(
+                self,
+                lm_head: Any,
+                hidden_states: torch.Tensor,
+                embedding_bias: torch.Tensor | None = None,
+                skip_gather: bool = False,
+            ) -> torch.Tensor | None:
+                def stock(h: torch.Tensor) -> torch.Tensor | None:
+                    return base_cls.forward(self, lm_head, h, embedding_bias, skip_gather)
+
+                if skip_gather:  # vocab-sharded sampling: the caller wants local shards
+                    return stock(hidden_states)
+                return self._flashhead_forward(lm_head, hidden_states, embedding_bias, stock)
+
+        else:
+
+            def forward(
+                self,
+                lm_head: Any,
+                hidden_states: torch.Tensor,
+                embedding_bias: torch.Tensor | None = None,
+            ) -> torch.Tensor | None:
+                def stock(h: torch.Tensor) -> torch.Tensor | None:
+                    return base_cls.forward(self, lm_head, h, embedding_bias)
+
+                return self._flashhead_forward(lm_head, hidden_states, embedding_bias, stock)
+
+    FlashHeadLogitsProcessor.__name__ = "FlashHeadLogitsProcessor"
+    FlashHeadLogitsProcessor.__qualname__ = "FlashHeadLogitsProcessor"
+    return FlashHeadLogitsProcessor
+
+
+def _flashhead_state_for_current_model() -> _FlashHeadState | None:
+    if not flashhead_enabled():
+        return None
+    identity = model_identity()
+    if identity is None:
+        return None
+    model, config = identity
+    from flashhead.assets import is_flashhead_config, load_assets
+
+    if not is_flashhead_config(config):
+        return None
+    model_dir = resolve_model_dir(model)
+    # Bad assets are bad input: fail the model load with the asset loader's message
+    # (file, field, fix) rather than serve a FlashHead model without FlashHead.
+    assets = load_assets(model_dir, config)
+    return _FlashHeadState(model, model_dir, assets)
+
+
+def _plan_logits(
+    head: Any,
+    hidden_states: torch.Tensor,
+    plan: StepPlan,
+    stock: Callable[[torch.Tensor], torch.Tensor | None],
+    transform: Callable | None,
+) -> torch.Tensor:
+    """Full-vocabulary logits for one call: FlashHead rows from ``head``, dense rows from
+    ``stock``."""
+    flash_rows = plan.flash_rows()
+    num_rows = int(hidden_states.shape[0])
+    all_flash = len(flash_rows) == num_rows
+    flash_h = hidden_states if all_flash else hidden_states[flash_rows]
+    temperature = None
+    if any(plan.decisions[i].kind is RowKind.SAMPLED for i in flash_rows):
+        temperature = torch.tensor(
+            [plan.decisions[i].temperature for i in flash_rows], dtype=torch.float32
+        )
+    generators = [plan.generator(i) for i in flash_rows]
+    flash_logits = head.logits(
+        flash_h,
+        temperature=temperature,
+        generators=generators if any(g is not None for g in generators) else None,
+        transform=transform,
+    )
+    if all_flash:
+        return flash_logits
+    dense_rows = plan.dense_rows()
+    dense_logits = stock(hidden_states[dense_rows])
+    out = flash_logits.new_empty((num_rows, flash_logits.shape[1]))
+    out[flash_rows] = flash_logits
+    out[dense_rows] = dense_logits.to(out.dtype)
+    return out
