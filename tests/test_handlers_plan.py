@@ -1,0 +1,273 @@
+"""Step plan: per-row decisions from SamplingParams, scope semantics, V1/V2 plan builders."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from flashhead.handlers import runner_v1, runner_v2
+from flashhead.handlers.plan import (
+    RowKind,
+    classify,
+    current_plan,
+    dense_plan,
+    greedy_plan,
+    plan_for_rows,
+    plan_scope,
+)
+
+
+def params(**kw):
+    """A stand-in for vllm.SamplingParams with its defaults."""
+    base = dict(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        seed=None,
+        logprobs=None,
+        logit_bias=None,
+        allowed_token_ids=None,
+        bad_words=None,
+        structured_outputs=None,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        repetition_penalty=1.0,
+    )
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+# The per-feature choice table of docs/DESIGN.md, one row per case.
+@pytest.mark.parametrize(
+    "kw, kind",
+    [
+        (dict(temperature=0.0), RowKind.GREEDY),
+        (dict(temperature=1e-6), RowKind.GREEDY),
+        (dict(temperature=0.0, presence_penalty=0.5, repetition_penalty=1.3), RowKind.GREEDY),
+        (dict(temperature=0.8), RowKind.SAMPLED),
+        (dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05), RowKind.SAMPLED),
+        (dict(temperature=0.7, seed=123), RowKind.SAMPLED),
+        (dict(temperature=0.7, frequency_penalty=0.5), RowKind.SAMPLED),
+        (dict(temperature=0.0, logprobs=0), RowKind.DENSE),
+        (dict(temperature=0.7, logprobs=5), RowKind.DENSE),
+        (dict(temperature=0.0, logit_bias={5: 10.0}), RowKind.DENSE),
+        (dict(temperature=0.0, allowed_token_ids=[1, 2]), RowKind.DENSE),
+        (dict(temperature=0.0, bad_words=["x"]), RowKind.DENSE),
+        (dict(temperature=0.0, structured_outputs=object()), RowKind.DENSE),
+    ],
+)
+def test_classify_choice_table(kw, kind):
+    decision = classify(params(**kw))
+    assert decision.kind is kind
+    if kind is RowKind.SAMPLED:
+        assert decision.temperature == pytest.approx(kw["temperature"])
+    if kind is RowKind.DENSE:
+        assert decision.reason
+
+
+def test_classify_empty_collections_are_not_features():
+    assert classify(params(temperature=0.0, logit_bias={}, bad_words=[])).kind is RowKind.GREEDY
+
+
+def test_classify_without_params_is_dense():
+    assert classify(None).kind is RowKind.DENSE
+
+
+@pytest.mark.vllm
+def test_real_sampling_params():
+    from vllm.sampling_params import SamplingParams as sp
+
+    assert classify(sp(temperature=0.0)).kind is RowKind.GREEDY
+    assert classify(sp(temperature=0.9, seed=1)).kind is RowKind.SAMPLED
+    assert classify(sp(temperature=0.0, logprobs=2)).kind is RowKind.DENSE
+    assert classify(sp(temperature=0.0, logit_bias={3: 1.0})).kind is RowKind.DENSE
+
+
+def test_no_scope_no_plan():
+    assert current_plan() is None
+    plan, why = plan_for_rows(3)
+    assert plan is None and "no step plan" in why
+
+
+def test_scope_is_lazy_and_built_once():
+    calls = []
+
+    def build():
+        calls.append(1)
+        return greedy_plan(2)
+
+    with plan_scope(build):
+        assert calls == []  # built on first use, after the runner updated its batch
+        assert plan_for_rows(2)[0] is not None
+        assert plan_for_rows(2)[0] is current_plan()
+        assert len(calls) == 1
+    assert current_plan() is None
+
+
+def test_row_count_mismatch_is_dense():
+    with plan_scope(greedy_plan(4)):
+        plan, why = plan_for_rows(5)
+    assert plan is None and "4 rows" in why
+
+
+def test_all_dense_plan():
+    with plan_scope(dense_plan("prompt logprobs")):
+        plan, why = plan_for_rows(0)
+    assert plan is None and why == "prompt logprobs"
+
+
+def test_failing_builder_gives_dense():
+    def build():
+        raise KeyError("req-x")
+
+    with plan_scope(build):
+        plan, why = plan_for_rows(1)
+    assert plan is None and "KeyError" in why
+
+
+def test_nested_scopes_restore():
+    with plan_scope(greedy_plan(1)):
+        with plan_scope(dense_plan("inner")):
+            assert plan_for_rows(1)[0] is None
+        assert plan_for_rows(1)[0] is not None
+
+
+# ---- V1 runner -------------------------------------------------------------------------
+
+
+def fake_v1_runner(reqs, *, spec=None):
+    """reqs: list of (req_id, SamplingParams-like, generator-or-None) in batch order."""
+    batch = types.SimpleNamespace(
+        req_ids=[r for r, _, _ in reqs],
+        generators={i: g for i, (_, _, g) in enumerate(reqs) if g is not None},
+    )
+    requests = {r: types.SimpleNamespace(sampling_params=p) for r, p, _ in reqs}
+    return types.SimpleNamespace(input_batch=batch, requests=requests, speculative_config=spec)
+
+
+def test_v1_plan_rows_follow_batch_order():
+    gen = torch.Generator().manual_seed(7)
+    runner = fake_v1_runner(
+        [
+            ("a", params(temperature=0.0), None),
+            ("b", params(temperature=0.5, seed=7), gen),
+            ("c", params(temperature=0.0, logprobs=1), None),
+        ]
+    )
+    plan = runner_v1.build_plan(runner)
+    assert [d.kind for d in plan.decisions] == [RowKind.GREEDY, RowKind.SAMPLED, RowKind.DENSE]
+    assert plan.generator(0) is None and plan.generator(1) is gen
+    assert plan.flash_rows() == [0, 1] and plan.dense_rows() == [2]
+
+
+def test_v1_spec_decode_is_dense():
+    runner = fake_v1_runner([("a", params(temperature=0.0), None)], spec=object())
+    plan = runner_v1.build_plan(runner)
+    assert plan.all_dense_reason == "speculative decoding"
+
+
+def test_v1_execute_model_wrapper_plans_after_batch_update():
+    runner = fake_v1_runner([])
+    seen = {}
+
+    def execute_model(scheduler_output, intermediate_tensors=None):
+        # vLLM updates the batch inside execute_model, before computing logits.
+        runner.input_batch.req_ids.append("x")
+        runner.requests["x"] = types.SimpleNamespace(sampling_params=params(temperature=0.0))
+        seen["plan"] = plan_for_rows(1)[0]
+        return "out"
+
+    assert runner_v1.execute_model(execute_model, runner, ("sched",), {}) == "out"
+    assert seen["plan"].decisions[0].kind is RowKind.GREEDY
+    assert current_plan() is None
+
+
+def test_v1_prompt_logprobs_wrapper_is_dense():
+    def get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens):
+        return plan_for_rows(2)
+
+    plan, why = runner_v1.prompt_logprobs(get_prompt_logprobs_dict, None, (None, {}), {})
+    assert plan is None and why == "prompt logprobs"
+
+
+def test_v1_dummy_sampler_run_is_greedy():
+    def dummy_sampler_run(hidden_states):
+        return plan_for_rows(hidden_states.shape[0])[0]
+
+    plan = runner_v1.dummy_sampler_run(dummy_sampler_run, None, (torch.zeros(3, 4),), {})
+    assert [d.kind for d in plan.decisions] == [RowKind.GREEDY] * 3
+
+
+# ---- V2 runner -------------------------------------------------------------------------
+
+
+def fake_v2(slots_params):
+    """slots_params: {req_idx: SamplingParams-like}; returns (runner, sampler)."""
+    sampler = types.SimpleNamespace()
+
+    def add_request(req_idx, sampling_params):
+        return None
+
+    for idx, p in slots_params.items():
+        runner_v2.sampler_add_request(add_request, sampler, (idx, p), {})
+    return types.SimpleNamespace(sampler=sampler, batch_sharder=None), sampler
+
+
+def v2_batch(slots, computed, scheduled, drafts=0):
+    n = len(slots)
+    return types.SimpleNamespace(
+        num_reqs=n,
+        idx_mapping_np=np.array(slots, dtype=np.int32),
+        num_computed_tokens_np=np.array(computed, dtype=np.int32),
+        num_scheduled_tokens=np.array(scheduled, dtype=np.int32),
+        num_draft_tokens=drafts,
+    )
+
+
+def test_v2_plan_maps_batch_rows_to_slots():
+    runner, _ = fake_v2(
+        {
+            3: params(temperature=0.0),
+            0: params(temperature=0.9, seed=11),
+            5: params(temperature=0.0, bad_words=["no"]),
+        }
+    )
+    plan = runner_v2.build_plan(runner, v2_batch([0, 5, 3], [4, 2, 9], [1, 1, 1]))
+    assert [d.kind for d in plan.decisions] == [RowKind.SAMPLED, RowKind.DENSE, RowKind.GREEDY]
+    assert plan.generator(0) is not None and plan.generator(2) is None
+
+
+def test_v2_seeded_generator_repeats_and_moves_with_position():
+    runner, _ = fake_v2({0: params(temperature=0.9, seed=11)})
+    a = runner_v2.build_plan(runner, v2_batch([0], [4], [1])).generator(0)
+    b = runner_v2.build_plan(runner, v2_batch([0], [4], [1])).generator(0)
+    c = runner_v2.build_plan(runner, v2_batch([0], [5], [1])).generator(0)
+    draw = lambda g: torch.rand(4, generator=g)  # noqa: E731
+    ra, rb, rc = draw(a), draw(b), draw(c)
+    assert torch.equal(ra, rb)
+    assert not torch.equal(ra, rc)
+
+
+def test_v2_unknown_slot_is_dense_and_spec_decode_is_dense():
+    runner, _ = fake_v2({})
+    plan = runner_v2.build_plan(runner, v2_batch([2], [0], [1]))
+    assert plan.decisions[0].kind is RowKind.DENSE
+    runner, _ = fake_v2({0: params(temperature=0.0)})
+    plan = runner_v2.build_plan(runner, v2_batch([0], [0], [1], drafts=2))
+    assert plan.all_dense_reason == "speculative decoding"
+
+
+def test_v2_sample_wrapper_scopes_plan():
+    runner, _ = fake_v2({1: params(temperature=0.0)})
+    batch = v2_batch([1], [3], [1])
+
+    def sample(hidden_states, input_batch, grammar_output):
+        return plan_for_rows(1)[0]
+
+    plan = runner_v2.sample(sample, runner, (torch.zeros(1, 2), batch, None), {})
+    assert plan.decisions[0].kind is RowKind.GREEDY
+    assert current_plan() is None
