@@ -1,0 +1,478 @@
+"""FlashHead model assets: read, validate and write the `config.json` keys and the clustering cache.
+
+Layout (compatible with the published FlashHead models):
+
+- `config.json` has `flash_head_cache_dir` (relative to the model folder; an absolute path is
+  accepted only if it resolves inside the model folder), optionally `n_probes` (default
+  `n_clusters // 16`, at least 1), `flash_head_special_token_ids` (tokens always scored) and
+  `n_clusters` (checked against the centroids when present).
+- `<cache_dir>/clustering_cache.safetensors` holds `centroids` and `cluster_assignments`.
+  Upstream stores centroids as `[d, c]`, sometimes with leading singleton dims (`[1, 1, d, c]`).
+  `[c, d]` is accepted too when the shape is unambiguous (see `_orient_centroids`); writing always
+  uses upstream's `[d, c]`. `cluster_assignments` is `[V]`, an integer cluster id per token.
+- Only safetensors is read: pickle-based caches (`.bin`, `.pt`, `.pth`, `.pkl`) are refused,
+  because loading them can run arbitrary code.
+
+Unequal cluster sizes: **padded**, within a budget. The cluster-major weight copy has
+`n_clusters * max_cluster_size` rows; short clusters get masked slots (token id -1, never scored).
+Padding is refused when it would make the copy more than 1/8 larger than the head
+(`n_clusters * max_cluster_size > 1.125 * V`), so the copy stays about one head; such a
+clustering should be rebuilt with equal cluster sizes (`flashhead convert`, the upstream default
+`enforce_equal_cluster_sizes=True`). Empty clusters count as unequal sizes.
+
+Errors are `FlashHeadAssetError`: file, field, expected vs found, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_FILE = "clustering_cache.safetensors"
+CONFIG_FILE = "config.json"
+CACHE_DIR_KEY = "flash_head_cache_dir"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+# Padding budget for unequal clusters: the cluster-major copy may have at most this many rows per V.
+MAX_PADDED_ROWS_PER_TOKEN = 1.125
+
+
+class FlashHeadAssetError(ValueError):
+    """Bad FlashHead assets. The message names the file, the field, expected vs found, and the fix."""
+
+    def __init__(self, file: Path | str, field_name: str, expected: str, found: str, fix: str):
+        self.file = str(file)
+        self.field = field_name
+        self.expected = expected
+        self.found = found
+        self.fix = fix
+        super().__init__(
+            f"{self.file}: {field_name}: expected {expected}, found {found}. Fix: {fix}"
+        )
+
+
+@dataclass
+class FlashHeadAssets:
+    model_dir: Path
+    cache_dir: Path
+    centroids: torch.Tensor  # [c, d] float32
+    assignments: torch.Tensor  # [V] int64
+    n_probes: int
+    special_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.assignments.shape[0])
+
+    def cluster_sizes(self) -> torch.Tensor:
+        return torch.bincount(self.assignments, minlength=self.n_clusters)
+
+
+def is_flashhead_config(cfg: Mapping | None) -> bool:
+    """True when a model config asks for FlashHead (has a non-empty `flash_head_cache_dir`)."""
+    if not isinstance(cfg, Mapping):
+        return False
+    value = cfg.get(CACHE_DIR_KEY)
+    return isinstance(value, str) and value != ""
+
+
+def _text_config_value(cfg: Mapping, key: str) -> Any:
+    # Multimodal configs nest the language model's sizes under text_config.
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    text = cfg.get("text_config")
+    if isinstance(text, Mapping):
+        return text.get(key)
+    return None
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FlashHeadAssetError(
+            path,
+            CONFIG_FILE,
+            "a model config file",
+            "no such file",
+            "point to the model folder that holds config.json",
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FlashHeadAssetError(
+            path,
+            CONFIG_FILE,
+            "valid JSON",
+            f"unreadable ({exc})",
+            "repair or regenerate config.json",
+        ) from exc
+    if not isinstance(cfg, dict):
+        raise FlashHeadAssetError(
+            path, CONFIG_FILE, "a JSON object", type(cfg).__name__, "repair config.json"
+        )
+    return cfg
+
+
+def _resolve_cache_dir(model_dir: Path, cfg: Mapping, cfg_file: Path) -> Path:
+    raw = cfg.get(CACHE_DIR_KEY)
+    if not isinstance(raw, str) or not raw:
+        raise FlashHeadAssetError(
+            cfg_file,
+            CACHE_DIR_KEY,
+            "a non-empty string (folder relative to the model folder)",
+            repr(raw),
+            f'set "{CACHE_DIR_KEY}": "flash_head_assets" or run `flashhead convert`',
+        )
+    root = model_dir.resolve()
+    candidate = Path(raw) if os.path.isabs(raw) else model_dir / raw
+    # resolve() follows symlinks, so a link pointing outside the model folder is caught here too.
+    resolved = candidate.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise FlashHeadAssetError(
+            cfg_file,
+            CACHE_DIR_KEY,
+            f"a folder inside the model folder {root}",
+            f"{raw!r} -> {resolved}",
+            "keep the clustering cache inside the model folder (no '..', no symlinks out of it)",
+        )
+    if not resolved.is_dir():
+        raise FlashHeadAssetError(
+            cfg_file,
+            CACHE_DIR_KEY,
+            "an existing folder",
+            f"{raw!r} ({resolved} does not exist)",
+            "copy the model's flash_head cache folder next to config.json or fix the key",
+        )
+    return resolved
+
+
+def _find_cache_file(cache_dir: Path) -> Path:
+    path = cache_dir / CACHE_FILE
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in cache_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise FlashHeadAssetError(
+            cache_dir,
+            CACHE_FILE,
+            "a safetensors clustering cache",
+            f"only pickle-based files {pickles}",
+            "pickle files can run code when loaded and are refused; convert them to "
+            f"{CACHE_FILE} (keys: centroids, cluster_assignments) in a trusted environment",
+        )
+    raise FlashHeadAssetError(
+        path,
+        CACHE_FILE,
+        "the clustering cache file",
+        "no such file",
+        "re-download the model's flash_head cache folder or run `flashhead convert`",
+    )
+
+
+def _orient_centroids(
+    raw: torch.Tensor, n_assigned: int, hidden_size: int | None, path: Path
+) -> torch.Tensor:
+    """Return centroids as [c, d]. Upstream writes [d, c] (maybe [1, 1, d, c]).
+
+    [c, d] is accepted only when unambiguous: with a known hidden size, exactly one axis matches
+    it; without one, only the [c, d] reading can hold all assigned cluster ids. Otherwise the
+    upstream [d, c] reading wins.
+    """
+    shape = tuple(raw.shape)
+    while raw.dim() > 2 and raw.shape[0] == 1:
+        raw = raw[0]
+    if raw.dim() != 2 or min(raw.shape) == 0:
+        raise FlashHeadAssetError(
+            path,
+            "centroids",
+            "a [d, c] matrix (leading size-1 dims allowed)",
+            f"shape {list(shape)}",
+            "rewrite the cache with `flashhead convert` (flashhead.assets.write_assets)",
+        )
+    a, b = int(raw.shape[0]), int(raw.shape[1])
+    if hidden_size is not None:
+        if a == hidden_size:
+            return raw.t()
+        if b == hidden_size:
+            return raw
+        raise FlashHeadAssetError(
+            path,
+            "centroids",
+            f"one axis equal to the model's hidden_size {hidden_size}",
+            f"shape {list(shape)}",
+            "the cache belongs to another model: rebuild it for this one",
+        )
+    if b >= n_assigned > a:
+        return raw.t()
+    if a >= n_assigned > b:
+        return raw
+    return raw.t()
+
+
+def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> FlashHeadAssets:
+    """Read and validate a model folder's FlashHead assets. Raises FlashHeadAssetError."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    cfg_file = model_dir / CONFIG_FILE
+    cfg = dict(config) if config is not None else _read_config(model_dir)
+    if not is_flashhead_config(cfg):
+        raise FlashHeadAssetError(
+            cfg_file,
+            CACHE_DIR_KEY,
+            "present (a FlashHead model)",
+            repr(cfg.get(CACHE_DIR_KEY)),
+            "use a FlashHead model, or make one with `flashhead convert`",
+        )
+    cache_dir = _resolve_cache_dir(model_dir, cfg, cfg_file)
+    path = _find_cache_file(cache_dir)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = [k for k in ("centroids", "cluster_assignments") if k not in keys]
+            if missing:
+                raise FlashHeadAssetError(
+                    path,
+                    ",".join(missing),
+                    "tensors 'centroids' and 'cluster_assignments'",
+                    f"keys {sorted(keys)}",
+                    "rebuild the cache with `flashhead convert`",
+                )
+            raw_centroids = f.get_tensor("centroids")
+            raw_assign = f.get_tensor("cluster_assignments")
+    except FlashHeadAssetError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise FlashHeadAssetError(
+            path,
+            CACHE_FILE,
+            "a readable safetensors file",
+            f"unreadable ({exc})",
+            "re-download or rebuild the cache",
+        ) from exc
+
+    if not raw_centroids.is_floating_point():
+        raise FlashHeadAssetError(
+            path,
+            "centroids",
+            "a floating-point tensor",
+            f"dtype {raw_centroids.dtype}",
+            "store centroids as float32/bfloat16/float16",
+        )
+    if raw_assign.is_floating_point() or raw_assign.is_complex() or raw_assign.dtype == torch.bool:
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            "an integer tensor",
+            f"dtype {raw_assign.dtype}",
+            "store one integer cluster id per token (int32/int64)",
+        )
+    while raw_assign.dim() > 1 and raw_assign.shape[0] == 1:
+        raw_assign = raw_assign[0]
+    if raw_assign.dim() != 1 or raw_assign.numel() == 0:
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            "shape [V] (one id per token)",
+            f"shape {list(raw_assign.shape)}",
+            "rebuild the cache with `flashhead convert`",
+        )
+    assignments = raw_assign.to(torch.int64).contiguous()
+    vocab = int(assignments.numel())
+
+    cfg_vocab = _text_config_value(cfg, "vocab_size")
+    if isinstance(cfg_vocab, int) and cfg_vocab != vocab:
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            f"{cfg_vocab} entries (config vocab_size)",
+            f"{vocab} entries",
+            "the cache belongs to another vocabulary: rebuild it for this model",
+        )
+    hidden = _text_config_value(cfg, "hidden_size")
+    hidden = hidden if isinstance(hidden, int) else None
+
+    n_assigned = int(assignments.max().item()) + 1 if vocab else 0
+    centroids = _orient_centroids(raw_centroids, n_assigned, hidden, path)
+    centroids = centroids.to(torch.float32).contiguous()
+    n_clusters = int(centroids.shape[0])
+    if not bool(torch.isfinite(centroids).all()):
+        bad = int((~torch.isfinite(centroids)).any(dim=1).sum())
+        raise FlashHeadAssetError(
+            path,
+            "centroids",
+            "finite values",
+            f"NaN/inf in {bad} of {n_clusters} centroids",
+            "rebuild the cache; the clustering run diverged or the file is corrupt",
+        )
+    lo, hi = int(assignments.min()), int(assignments.max())
+    if lo < 0 or hi >= n_clusters:
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            f"ids in [0, {n_clusters}) ({n_clusters} centroids)",
+            f"ids in [{lo}, {hi}]",
+            "rebuild the cache: assignments and centroids disagree",
+        )
+    cfg_clusters = cfg.get("n_clusters")
+    if isinstance(cfg_clusters, int) and cfg_clusters != n_clusters:
+        raise FlashHeadAssetError(
+            cfg_file,
+            "n_clusters",
+            f"{n_clusters} (centroids in {path.name})",
+            str(cfg_clusters),
+            "fix n_clusters in config.json or rebuild the cache",
+        )
+
+    sizes = torch.bincount(assignments, minlength=n_clusters)
+    largest = int(sizes.max())
+    if int(sizes.min()) != largest and n_clusters * largest > MAX_PADDED_ROWS_PER_TOKEN * vocab:
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            f"equal cluster sizes, or padding to the largest cluster within {MAX_PADDED_ROWS_PER_TOKEN}x V rows",
+            f"sizes {int(sizes.min())}..{largest}: {n_clusters} x {largest} = {n_clusters * largest} "
+            f"rows for V={vocab}",
+            "rebuild the clustering with equal cluster sizes (`flashhead convert`, upstream "
+            "enforce_equal_cluster_sizes=True)",
+        )
+
+    n_probes = cfg.get("n_probes")
+    if n_probes is None:
+        n_probes = max(1, n_clusters // 16)
+    if (
+        isinstance(n_probes, bool)
+        or not isinstance(n_probes, int)
+        or not 1 <= n_probes <= n_clusters
+    ):
+        raise FlashHeadAssetError(
+            cfg_file,
+            "n_probes",
+            f"an integer in [1, {n_clusters}]",
+            repr(n_probes),
+            f"set n_probes in config.json (default n_clusters // 16 = {max(1, n_clusters // 16)})",
+        )
+
+    specials = cfg.get("flash_head_special_token_ids")
+    specials = _validate_specials(specials, vocab, cfg_file)
+    return FlashHeadAssets(
+        model_dir=model_dir,
+        cache_dir=cache_dir,
+        centroids=centroids,
+        assignments=assignments,
+        n_probes=int(n_probes),
+        special_token_ids=specials,
+    )
+
+
+def _validate_specials(specials: Any, vocab: int, cfg_file: Path) -> list[int]:
+    if specials is None:
+        return []
+    if isinstance(specials, int) and not isinstance(specials, bool):
+        specials = [specials]
+    if not isinstance(specials, Sequence) or isinstance(specials, str):
+        raise FlashHeadAssetError(
+            cfg_file,
+            "flash_head_special_token_ids",
+            "a list of token ids",
+            repr(specials),
+            "write a JSON list of integers, e.g. [128000, 128001]",
+        )
+    out: list[int] = []
+    for tok in specials:
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
+            raise FlashHeadAssetError(
+                cfg_file,
+                "flash_head_special_token_ids",
+                f"integers in [0, {vocab})",
+                repr(tok),
+                "remove or fix the id (it must be a token of this vocabulary)",
+            )
+        if tok not in out:
+            out.append(tok)
+    return sorted(out)
+
+
+def write_assets(
+    model_dir: str | os.PathLike,
+    centroids: torch.Tensor,
+    assignments: torch.Tensor,
+    *,
+    n_probes: int,
+    special_token_ids: Sequence[int] = (),
+    cache_dir: str = "flash_head_cache",
+) -> Path:
+    """Write `<model_dir>/<cache_dir>/clustering_cache.safetensors` (centroids in upstream's
+    [d, c] layout) and set the FlashHead keys in `<model_dir>/config.json`. Returns the cache file.
+
+    `centroids` is [c, d]. The result is validated by reading it back with `load_assets`.
+    """
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    if os.path.isabs(cache_dir) or ".." in Path(cache_dir).parts:
+        raise FlashHeadAssetError(
+            model_dir / CONFIG_FILE,
+            CACHE_DIR_KEY,
+            "a folder name relative to the model folder",
+            repr(cache_dir),
+            "pass a plain relative name such as 'flash_head_cache'",
+        )
+    if centroids.dim() != 2:
+        raise ValueError(f"write_assets: centroids must be [c, d], got {list(centroids.shape)}")
+    c = int(centroids.shape[0])
+    folder = model_dir / cache_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CACHE_FILE
+    save_file(
+        {
+            "centroids": centroids.detach().to(torch.float32).t().contiguous().cpu(),
+            "cluster_assignments": assignments.detach().to(torch.int64).contiguous().cpu(),
+        },
+        str(target),
+        metadata={"format": "pt", "layout": "centroids[d,c]"},
+    )
+    cfg_path = model_dir / CONFIG_FILE
+    cfg = _read_config(model_dir) if cfg_path.exists() else {}
+    cfg[CACHE_DIR_KEY] = cache_dir
+    cfg["n_probes"] = int(n_probes)
+    cfg["n_clusters"] = c
+    cfg["flash_head_special_token_ids"] = sorted({int(t) for t in special_token_ids})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+    load_assets(model_dir)  # fail at write time, not at serve time
+    return target
+
+
+def padded_cluster_size(assets: FlashHeadAssets) -> int:
+    """Slots per cluster in the cluster-major layout (the largest cluster)."""
+    return int(assets.cluster_sizes().max())
+
+
+def cluster_major_bytes(assets: FlashHeadAssets, element_size: int) -> int:
+    """Bytes of the cluster-major weight copy for a head of `element_size`-byte elements."""
+    return assets.n_clusters * padded_cluster_size(assets) * assets.hidden_size * element_size
+
+
+__all__ = [
+    "CACHE_FILE",
+    "FlashHeadAssetError",
+    "FlashHeadAssets",
+    "cluster_major_bytes",
+    "is_flashhead_config",
+    "load_assets",
+    "padded_cluster_size",
+    "write_assets",
+]
