@@ -378,3 +378,198 @@ def _dotted(expr: ast.expr) -> str:
         head = _dotted(expr.value)
         return f"{head}.{expr.attr}" if head else ""
     return ""
+
+
+# ---- checking patchsets ------------------------------------------------------------------------
+OK, MOVED, CHANGED, MISSING = "ok", "moved", "signature changed", "missing"
+# In triage (a release no patchset covers) "ok" reads better as "unchanged".
+_TRIAGE_WORDS = {OK: "unchanged"}
+
+
+@dataclass
+class TargetResult:
+    """One checked symbol: a patch's target, its `signature_of` member, or a `requires` entry."""
+
+    patch_id: str
+    target: str
+    status: str
+    expected: str = ""  # the declared signature ("" when none is declared)
+    found: str = ""  # the signature in the tree ("" when not found / not a function)
+    location: str = ""  # where the tree defines it, when that is not `target` itself
+    detail: str = ""  # what differs, or why it is missing
+    required: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def check_patchset(patchset, tree: SourceTree) -> list[TargetResult]:
+    """Check every patch of a loaded `flashhead.registry.PatchSet` against `tree`."""
+    rows: list[TargetResult] = []
+    for patch in patchset.patches:
+        rows.extend(check_patch(patch, tree))
+    return rows
+
+
+def check_patch(patch, tree: SourceTree) -> list[TargetResult]:
+    """Rows for one `flashhead.registry.PatchSpec`: its target (or `signature_of` member), then
+    kind-specific checks, then each `requires` entry."""
+    pid, required = patch.id, bool(getattr(patch, "required", True))
+    rows: list[TargetResult] = []
+    if patch.kind == "register_architecture":
+        rows.append(_check_target(pid, patch.target, None, tree, required))
+        rows.extend(_check_architectures(patch, tree))
+    elif patch.kind == "register_oot":
+        rows.append(_check_target(pid, patch.target, None, tree, required))
+        if rows[-1].status in (OK, MOVED):
+            rows.append(_check_register_oot(pid, patch.target, rows[-1], tree, required))
+        if patch.signature_of:
+            member = f"{patch.target}.{patch.signature_of}"
+            rows.append(_check_target(pid, member, patch.signature, tree, required))
+        elif patch.signature:
+            rows.append(
+                _check_target(pid, f"{patch.target}.__init__", patch.signature, tree, required)
+            )
+    else:
+        target = f"{patch.target}.{patch.signature_of}" if patch.signature_of else patch.target
+        rows.append(_check_target(pid, target, patch.signature, tree, required))
+    for req in getattr(patch, "requires", ()) or ():
+        rows.append(_check_target(pid, req.target, req.signature, tree, required))
+    return rows
+
+
+def signature_of(defn: Definition, tree: SourceTree) -> str:
+    """The rendered parameter list of a function / method / property getter, or of a class's
+    `__init__` (inherited ones included); "" for anything else."""
+    from flashhead.signatures import from_ast
+
+    defn = _follow_alias(defn, tree)
+    if defn.kind == "class":
+        init = tree.resolve(f"{defn.location}.__init__")
+        return signature_of(init, tree) if init is not None else ""
+    if isinstance(defn.node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return from_ast(defn.node).render()
+    return ""
+
+
+def _follow_alias(defn: Definition, tree: SourceTree) -> Definition:
+    """`LLMEngine = V1LLMEngine` / `f = other.g`: the definition the assignment names."""
+    for _ in range(_MAX_DEPTH):
+        if defn.kind != "assignment" or not isinstance(defn.node, (ast.Assign, ast.AnnAssign)):
+            return defn
+        value = defn.node.value
+        if not isinstance(value, (ast.Name, ast.Attribute)):
+            return defn
+        found = tree._resolve_expr(defn.module, value, 0)
+        if found is None:
+            return defn
+        defn = found
+    return defn
+
+
+def _check_target(
+    pid: str, target: str, declared: str | None, tree: SourceTree, required: bool
+) -> TargetResult:
+    row = TargetResult(pid, target, OK, expected=declared or "", required=required)
+    found = tree.resolve(target)
+    if found is None:
+        module, _, qual = target.partition(":")
+        elsewhere = [d for d in tree.find_by_tail(qual) if d.location != target]
+        if not elsewhere:
+            row.status = MISSING
+            row.detail = _why_missing(module, qual, tree)
+            return row
+        found = elsewhere[0]
+        row.status = MOVED
+        others = ", ".join(d.location for d in elsewhere)
+        row.detail = f"not at {target}; defined at {others}"
+    if found.inherited_from or found.location != target:
+        row.location = found.location
+    if declared is None:
+        row.found = signature_of(found, tree)
+        return row
+    row.found = signature_of(found, tree)
+    if not row.found:
+        row.status = CHANGED if row.status == OK else row.status
+        row.detail = _join(row.detail, f"{found.location} is a {found.kind}, not a function")
+        return row
+    diffs = _compare(declared, row.found)
+    if diffs:
+        if row.status == OK:
+            row.status = CHANGED
+        row.detail = _join(row.detail, "; ".join(diffs))
+    return row
+
+
+def _compare(declared: str, found: str) -> list[str]:
+    from flashhead.signatures import compare, parse_signature
+
+    return [
+        d.replace("live", "found").replace("live has", "found has")
+        for d in compare(parse_signature(declared), parse_signature(found))
+    ]
+
+
+def _why_missing(module: str, qual: str, tree: SourceTree) -> str:
+    if not tree.has_module(module):
+        return f"module {module} does not exist in this release"
+    parts = qual.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = tree.resolve(f"{module}:{'.'.join(parts[:i])}")
+        if owner is not None:
+            bases = ", ".join(tree.bases(owner)) or "none"
+            return (
+                f"{owner.location} has no {'.'.join(parts[i:])} "
+                f"(bases: {bases}), and no class in the tree defines {qual}"
+            )
+    return f"{module} defines no {parts[0]}, and no module in the tree defines {qual}"
+
+
+def _check_register_oot(
+    pid: str, target: str, target_row: TargetResult, tree: SourceTree, required: bool
+) -> TargetResult:
+    cls = tree.resolve(target_row.location or target)
+    name = f"{target}.register_oot"
+    row = TargetResult(pid, name, OK, required=required)
+    if cls is None or cls.kind != "class":
+        row.status, row.detail = MISSING, f"{target} is not a class"
+        return row
+    hook = tree.resolve(f"{cls.location}.register_oot")
+    if hook is None:
+        bases = ", ".join(tree.bases(cls)) or "none"
+        row.status = MISSING
+        row.detail = (
+            f"{cls.location} has no register_oot (bases: {bases}): out-of-tree replacement "
+            "needs a CustomOp / PluggableLayer subclass"
+        )
+        return row
+    row.location = hook.location
+    row.found = signature_of(hook, tree)
+    return row
+
+
+def _check_architectures(patch, tree: SourceTree) -> list[TargetResult]:
+    known = tree.registry_architectures()
+    rows = []
+    for new, base in patch.architectures.items():
+        row = TargetResult(patch.id, f"{patch.target}[{base}]", OK, required=patch.required)
+        row.expected = f"{new} -> {base}"
+        if known is None:
+            row.status, row.detail = MISSING, f"{REGISTRY_MODULE} does not exist in this release"
+        elif base not in known:
+            row.status = MISSING
+            row.detail = f"base architecture {base} (for {new}) is not in vLLM's model registry"
+        rows.append(row)
+    return rows
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
+
+
+def triage_word(status: str) -> str:
+    return _TRIAGE_WORDS.get(status, status)
