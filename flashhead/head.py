@@ -1,0 +1,298 @@
+"""The model-facing FlashHead: head weight + assets -> cluster index, buffers, backend dispatch.
+
+Per call (shared by both backends, so the torch and Triton paths pick the same token ids):
+Gumbel noise is drawn here in torch (per-row generators), the backend computes stage 1 keys,
+torch takes the top-p clusters per row and sorts them (the slot order of the candidates), the
+always-probed special-token clusters are appended, and the backend scores the candidates and
+picks the token. Knows nothing of vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flashhead.assets import FlashHeadAssets
+from flashhead.kernels import dispatch
+from flashhead.kernels.reference import ClusterIndex, candidate_ids
+
+
+@dataclass
+class Candidates:
+    ids: torch.Tensor  # [B, K] int64, -1 = padding slot
+    scores: torch.Tensor  # [B, K] float32, -inf on padding slots
+
+
+def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
+    """Cluster-major copy of the head (the one extra copy), slot ids and int8 centroids."""
+    vocab, d = assets.vocab_size, assets.hidden_size
+    if weight.dim() != 2 or weight.shape[0] < vocab or weight.shape[1] != d:
+        raise ValueError(
+            f"FlashHead.build: head weight {list(weight.shape)} does not fit the assets "
+            f"(V={vocab}, d={d}); expected [>= {vocab}, {d}] (padded rows beyond V are ignored)"
+        )
+    if not weight.is_floating_point():
+        raise ValueError(f"FlashHead.build: head weight must be floating point, got {weight.dtype}")
+    device = weight.device
+    w = weight[:vocab]
+    assign = assets.assignments.to(device)
+    c = assets.n_clusters
+    sizes = torch.bincount(assign, minlength=c)
+    s = int(sizes.max())
+    specials = torch.tensor(assets.special_token_ids, dtype=torch.int64, device=device)
+    n_spc = math.ceil(len(specials) / s) if len(specials) else 0
+    c_ext = c + n_spc
+
+    order = torch.argsort(assign, stable=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(vocab, device=device) - starts[assign[order]]
+    slot_of_token = assign[order] * s + rank  # slot of token order[i]
+    slot_ids = torch.full((c_ext * s,), -1, dtype=torch.int32, device=device)
+    slot_ids[slot_of_token] = order.to(torch.int32)
+    slot_home = torch.full((c_ext * s,), -1, dtype=torch.int32, device=device)
+
+    wc = torch.zeros(c_ext * s, d, dtype=w.dtype, device=device)
+    wc[slot_of_token] = w[order]
+    if n_spc:
+        tail = torch.arange(len(specials), device=device) + c * s
+        slot_ids[tail] = specials.to(torch.int32)
+        slot_home[tail] = assign[specials].to(torch.int32)
+        wc[tail] = w[specials]
+
+    cent = assets.centroids.to(device=device, dtype=torch.float32)
+    scale = cent.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    cent_q = torch.round(cent / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return ClusterIndex(
+        wc=wc,
+        slot_ids=slot_ids,
+        slot_home=slot_home,
+        cent_q=cent_q.contiguous(),
+        cent_scale=scale.contiguous(),
+        n_clusters=c,
+        cluster_size=s,
+        n_special_clusters=n_spc,
+    )
+
+
+def draw_gumbel(
+    n_rows: int,
+    width: int,
+    temperature: torch.Tensor | None,
+    generators: Sequence[torch.Generator | None] | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """[B, width] float32 standard Gumbel noise for rows with T > 0 (zeros elsewhere), or None.
+
+    A row with a generator draws from it alone (a seeded request reruns identically); rows
+    without one share one draw from torch's default generator."""
+    if temperature is None:
+        return None
+    sampled = (temperature > 0).tolist()
+    if not any(sampled):
+        return None
+    noise = torch.zeros(n_rows, width, dtype=torch.float32, device=device)
+    shared = []
+    for b, is_sampled in enumerate(sampled):
+        if not is_sampled:
+            continue
+        gen = generators[b] if generators is not None else None
+        if gen is None:
+            shared.append(b)
+            continue
+        e = torch.empty(width, dtype=torch.float32, device=gen.device).exponential_(generator=gen)
+        noise[b] = (-torch.log(e)).to(device)
+    if shared:
+        e = torch.empty(len(shared), width, dtype=torch.float32, device=device).exponential_()
+        noise[torch.tensor(shared, device=device)] = -torch.log(e)
+    return noise
+
+
+def _inverse_temperature(
+    temperature: torch.Tensor | None, n_rows: int, device
+) -> torch.Tensor | None:
+    if temperature is None:
+        return None
+    t = torch.as_tensor(temperature, dtype=torch.float32).to(device).reshape(-1)
+    if t.numel() != n_rows:
+        raise ValueError(f"temperature has {t.numel()} entries for {n_rows} rows")
+    # 1/T in float32 (both backends multiply by it); T <= 0 means greedy (inv_t = 0).
+    return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+class FlashHead:
+    """Two-stage LM head over a cluster-major copy of the head weight. See docs/DESIGN.md."""
+
+    def __init__(
+        self, weight: torch.Tensor, index: ClusterIndex, assets: FlashHeadAssets, backend: str
+    ):
+        self.weight = weight  # the first V rows of the model's head (a view: no copy)
+        self.index = index
+        self.vocab_size = assets.vocab_size
+        self.n_clusters = index.n_clusters
+        self.cluster_size = index.cluster_size
+        self.n_probes = assets.n_probes
+        self.special_token_ids = list(assets.special_token_ids)
+        self.requested_backend = backend
+        self.backend = dispatch.resolve_backend(backend, weight.device)
+        self._ops = dispatch.backend_ops(self.backend)
+        self._buffers: dict = {}
+        self._special_probes = (
+            torch.arange(index.n_special_clusters, device=weight.device) + index.n_clusters
+        )
+
+    @classmethod
+    def build(
+        cls, weight: torch.Tensor, assets: FlashHeadAssets, *, backend: str = "auto"
+    ) -> FlashHead:
+        weight = weight.detach()
+        index = build_index(weight, assets)
+        return cls(weight[: assets.vocab_size], index, assets, backend)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory FlashHead adds next to the model's head (cluster-major copy + int8 centroids)."""
+        i = self.index
+        return sum(
+            t.numel() * t.element_size()
+            for t in (i.wc, i.slot_ids, i.slot_home, i.cent_q, i.cent_scale)
+        )
+
+    def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
+        return dispatch.prefer_dense(self.backend, device or self.weight.device, n_rows)
+
+    # -- the two stages -------------------------------------------------------------------
+    def _probes(self, h, n_probes, inv_t, generators, temperature) -> torch.Tensor:
+        n_rows = h.shape[0]
+        p = self.n_probes if n_probes is None else int(n_probes)
+        if not 1 <= p <= self.n_clusters:
+            raise ValueError(f"n_probes must be in [1, {self.n_clusters}], got {p}")
+        noise = draw_gumbel(n_rows, self.n_clusters, temperature, generators, h.device)
+        keys = self._ops.probe_keys(
+            h, self.index.cent_q, self.index.cent_scale, inv_t if noise is not None else None, noise
+        )
+        probes = keys.topk(p, dim=1, sorted=False).indices.sort(dim=1).values
+        if self.index.n_special_clusters:
+            probes = torch.cat([probes, self._special_probes.expand(n_rows, -1)], dim=1)
+        return probes
+
+    def _run(self, h, n_probes, temperature, generators, want_tokens):
+        h = self._check_h(h)
+        inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
+        probes = self._probes(h, n_probes, inv_t, generators, temperature)
+        tok_noise = None
+        if want_tokens:
+            width = probes.shape[1] * self.cluster_size
+            tok_noise = draw_gumbel(h.shape[0], width, temperature, generators, h.device)
+        return self._ops.candidate_scores(
+            h,
+            self.index,
+            probes,
+            inv_t if tok_noise is not None else None,
+            tok_noise,
+            want_tokens=want_tokens,
+            buffers=self._buffers,
+        )
+
+    def _check_h(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 2 or h.shape[1] != self.index.hidden_size:
+            raise ValueError(
+                f"hidden states must be [B, {self.index.hidden_size}], got {list(h.shape)}"
+            )
+        if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"hidden states must be fp32/fp16/bf16, got {h.dtype}")
+        return h.contiguous()
+
+    # -- public API -------------------------------------------------------------------------
+    def candidates(self, h, *, n_probes=None, temperature=None, generators=None) -> Candidates:
+        ids, scores, _ = self._run(h, n_probes, temperature, generators, want_tokens=False)
+        return Candidates(ids=ids, scores=scores)
+
+    def tokens(self, h, *, temperature=None, generators=None) -> torch.Tensor:
+        """[B] int64: greedy argmax (T = 0 rows) or a sample among the candidates (T > 0)."""
+        h = self._check_h(h)
+        if self.uses_dense(h.shape[0], h.device):
+            return self._dense_tokens(h, temperature, generators)
+        _, _, tokens = self._run(h, None, temperature, generators, want_tokens=True)
+        return tokens
+
+    def logits(
+        self,
+        h,
+        *,
+        temperature=None,
+        generators=None,
+        dense_rows: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """[B, V] float32: candidate scores (after `transform`) in place, -inf elsewhere;
+        `dense_rows` (bool [B]) rows are the exact full-head logits (after `transform`)."""
+        h = self._check_h(h)
+        n_rows, vocab = h.shape[0], self.vocab_size
+        if out is None:
+            out = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device)
+        elif tuple(out.shape) != (n_rows, vocab):
+            raise ValueError(f"out must be [{n_rows}, {vocab}], got {list(out.shape)}")
+        dense = (
+            torch.zeros(n_rows, dtype=torch.bool, device=h.device)
+            if dense_rows is None
+            else dense_rows.to(h.device, torch.bool)
+        )
+        if self.uses_dense(n_rows, h.device):
+            dense = torch.ones_like(dense)
+        dense_list = dense.nonzero().flatten()
+        flash_list = (~dense).nonzero().flatten()
+        if len(flash_list):
+            sub = h if len(flash_list) == n_rows else h[flash_list]
+            sub_t = None
+            if temperature is not None:
+                sub_t = torch.as_tensor(temperature).reshape(-1)
+                sub_t = sub_t if len(flash_list) == n_rows else sub_t[flash_list.cpu()]
+            sub_g = None
+            if generators is not None:
+                sub_g = [generators[i] for i in flash_list.tolist()]
+            ids, scores, _ = self._run(sub, None, sub_t, sub_g, want_tokens=False)
+            if transform is not None:
+                scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
+            rows = (
+                out
+                if len(flash_list) == n_rows
+                else torch.empty(len(flash_list), vocab, dtype=out.dtype, device=out.device)
+            )
+            rows.fill_(float("-inf"))
+            rows.scatter_reduce_(1, ids.clamp_min(0), scores.to(rows.dtype), reduce="amax")
+            if rows is not out:
+                out[flash_list] = rows
+        if len(dense_list):
+            full = torch.nn.functional.linear(h[dense_list], self.weight)
+            if transform is not None:
+                full = transform(full)
+            out[dense_list] = full.to(out.dtype)
+        return out
+
+    def _dense_tokens(self, h, temperature, generators) -> torch.Tensor:
+        logits = torch.nn.functional.linear(h, self.weight).float()
+        inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
+        noise = draw_gumbel(h.shape[0], self.vocab_size, temperature, generators, h.device)
+        if noise is not None:
+            sampled = (inv_t > 0).unsqueeze(1)
+            logits = torch.where(sampled, logits * inv_t.unsqueeze(1) + noise, logits)
+        return logits.argmax(dim=1)
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "vocab_size": self.vocab_size,
+            "n_clusters": self.n_clusters,
+            "cluster_size": self.cluster_size,
+            "n_probes": self.n_probes,
+            "n_special_tokens": len(self.special_token_ids),
+            "extra_bytes": self.extra_bytes,
+        }
+
+
+__all__ = ["Candidates", "FlashHead", "build_index", "candidate_ids", "draw_gumbel"]

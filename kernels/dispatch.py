@@ -1,0 +1,156 @@
+"""Backend choice for the FlashHead core: `FLASHHEAD_BACKEND=triton|torch|auto` (default auto).
+
+auto = Triton for CUDA tensors when Triton imports, torch otherwise. The torch backend on CPU
+also hands large batches to the dense head (`F.linear`): per-row FlashHead reads p*s rows per
+row, so past `FLASHHEAD_CPU_DENSE_MIN_BATCH` rows (default 12, measured with `flashhead bench`
+on 1 thread at the Llama-3.2 shape) the dense GEMM, which reads the head once for all rows, wins.
+`describe_backend()` reports all of this (the doctor shows it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_BACKEND = "FLASHHEAD_BACKEND"
+ENV_DENSE_MIN_BATCH = "FLASHHEAD_CPU_DENSE_MIN_BATCH"
+DEFAULT_CPU_DENSE_MIN_BATCH = 12
+
+
+class BackendError(ValueError):
+    pass
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    value = explicit if explicit not in (None, "auto") else os.environ.get(ENV_BACKEND, "auto")
+    value = (value or "auto").strip().lower()
+    if value not in BACKENDS:
+        raise BackendError(
+            f"{ENV_BACKEND}={value!r} is not a FlashHead backend; use one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def triton_status() -> tuple[bool, str]:
+    """(importable, version or import error)."""
+    try:
+        import triton
+    except Exception as exc:  # a broken triton install must not break the torch path
+        return False, f"unavailable ({exc.__class__.__name__}: {exc})"
+    return True, getattr(triton, "__version__", "?")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(explicit: str | None, device: torch.device | str | None) -> str:
+    """The backend that will run on `device`: 'triton' or 'torch'. Raises BackendError when
+    triton is forced where it cannot run."""
+    want = requested_backend(explicit)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    ok, info = triton_status()
+    triton_runs = ok and (dev.type == "cuda" or interpreting())
+    if want == "triton":
+        if not triton_runs:
+            where = (
+                "Triton is " + info
+                if not ok
+                else f"device {dev} (Triton needs CUDA or TRITON_INTERPRET=1)"
+            )
+            raise BackendError(f"{ENV_BACKEND}=triton cannot run here: {where}; use torch or auto")
+        return "triton"
+    if want == "torch":
+        return "torch"
+    return "triton" if ok and dev.type == "cuda" else "torch"
+
+
+def cpu_dense_min_batch() -> int:
+    raw = os.environ.get(ENV_DENSE_MIN_BATCH)
+    if raw is None:
+        return DEFAULT_CPU_DENSE_MIN_BATCH
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BackendError(
+            f"{ENV_DENSE_MIN_BATCH}={raw!r}: expected an integer (0 = never dense)"
+        ) from exc
+    return value
+
+
+def prefer_dense(backend: str, device: torch.device | str, n_rows: int) -> bool:
+    """True where the dense head is faster than FlashHead (large batches on CPU)."""
+    if torch.device(device).type != "cpu" or backend != "torch":
+        return False
+    limit = cpu_dense_min_batch()
+    return limit > 0 and n_rows >= limit
+
+
+def backend_ops(backend: str) -> Any:
+    """Object with `probe_keys(...)` and `candidate_scores(...)` for the chosen backend."""
+    if backend == "triton":
+        from flashhead.kernels import triton_ops
+
+        return SimpleNamespace(
+            probe_keys=triton_ops.probe_keys, candidate_scores=triton_ops.candidate_scores
+        )
+    from flashhead.kernels import reference
+
+    def candidate_scores(*args, **kwargs):
+        return reference.candidate_scores(*args, fast=True, **kwargs)
+
+    def probe_keys(*args, **kwargs):
+        return reference.probe_keys(*args, fast=True, **kwargs)
+
+    return SimpleNamespace(probe_keys=probe_keys, candidate_scores=candidate_scores)
+
+
+def describe_backend(device: torch.device | str | None = None) -> dict:
+    """What the dispatcher would pick on `device` (default: cuda if available, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    ok, info = triton_status()
+    report: dict = {"device": str(dev), "requested": None, "backend": None, "triton": info}
+    try:
+        report["requested"] = requested_backend()
+        backend = resolve_backend(None, dev)
+    except BackendError as exc:
+        report["backend"] = None
+        report["error"] = str(exc)
+        return report
+    report["backend"] = backend
+    if backend == "triton":
+        report["reason"] = (
+            "CUDA tensors and Triton importable"
+            if report["requested"] == "auto"
+            else f"{ENV_BACKEND}=triton"
+        )
+    elif report["requested"] == "torch":
+        report["reason"] = f"{ENV_BACKEND}=torch"
+    else:
+        report["reason"] = "no CUDA device" if dev.type != "cuda" else f"Triton {info}"
+    if dev.type == "cpu" and backend == "torch":
+        limit = cpu_dense_min_batch()
+        report["dense_min_batch"] = limit
+        report["dense_fallback"] = (
+            f"batches of {limit}+ rows use the dense head (faster on CPU)" if limit > 0 else "never"
+        )
+    return report
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "backend_ops",
+    "describe_backend",
+    "prefer_dense",
+    "requested_backend",
+    "resolve_backend",
+]
