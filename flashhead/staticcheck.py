@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import Version
+
 # Decorators that make a method behave like an attribute: the "signature" is the getter's.
 _PROPERTY_DECORATORS = {"property", "cached_property", "functools.cached_property"}
 # Model-registry dicts that do *not* list servable architectures.
@@ -398,6 +400,9 @@ class TargetResult:
     location: str = ""  # where the tree defines it, when that is not `target` itself
     detail: str = ""  # what differs, or why it is missing
     required: bool = True
+    # The YAML field the row checks: "target", "signature", "architectures.<Base>" or
+    # "requires[i]" (`patchsets new` edits that field).
+    site: str = "target"
 
     @property
     def ok(self) -> bool:
@@ -427,18 +432,17 @@ def check_patch(patch, tree: SourceTree) -> list[TargetResult]:
         rows.append(_check_target(pid, patch.target, None, tree, required))
         if rows[-1].status in (OK, MOVED):
             rows.append(_check_register_oot(pid, patch.target, rows[-1], tree, required))
-        if patch.signature_of:
-            member = f"{patch.target}.{patch.signature_of}"
+        if patch.signature_of or patch.signature:
+            member = f"{patch.target}.{patch.signature_of or '__init__'}"
             rows.append(_check_target(pid, member, patch.signature, tree, required))
-        elif patch.signature:
-            rows.append(
-                _check_target(pid, f"{patch.target}.__init__", patch.signature, tree, required)
-            )
+            rows[-1].site = "signature"
     else:
         target = f"{patch.target}.{patch.signature_of}" if patch.signature_of else patch.target
         rows.append(_check_target(pid, target, patch.signature, tree, required))
-    for req in getattr(patch, "requires", ()) or ():
+        rows[-1].site = "signature" if patch.signature else "target"
+    for i, req in enumerate(getattr(patch, "requires", ()) or ()):
         rows.append(_check_target(pid, req.target, req.signature, tree, required))
+        rows[-1].site = f"requires[{i}]"
     return rows
 
 
@@ -534,7 +538,7 @@ def _check_register_oot(
 ) -> TargetResult:
     cls = tree.resolve(target_row.location or target)
     name = f"{target}.register_oot"
-    row = TargetResult(pid, name, OK, required=required)
+    row = TargetResult(pid, name, OK, required=required, site="kind")
     if cls is None or cls.kind != "class":
         row.status, row.detail = MISSING, f"{target} is not a class"
         return row
@@ -557,7 +561,8 @@ def _check_architectures(patch, tree: SourceTree) -> list[TargetResult]:
     rows = []
     for new, base in patch.architectures.items():
         row = TargetResult(patch.id, f"{patch.target}[{base}]", OK, required=patch.required)
-        row.expected = f"{new} -> {base}"
+        row.expected = f"{base} (for {new})"
+        row.site = f"architectures.{new}"
         if known is None:
             row.status, row.detail = MISSING, f"{REGISTRY_MODULE} does not exist in this release"
         elif base not in known:
@@ -573,3 +578,103 @@ def _join(a: str, b: str) -> str:
 
 def triage_word(status: str) -> str:
     return _TRIAGE_WORDS.get(status, status)
+
+
+# ---- release-level helpers ---------------------------------------------------------------------
+def tree_version(tree: SourceTree) -> str | None:
+    """The release a source tree is from: the fetch marker, else `vllm/_version.py` /
+    `vllm/version.py` (`__version__ = "..."`), else None."""
+    from flashhead.sdist import source_info
+
+    info = source_info(tree.root)
+    if info.get("version"):
+        return str(info["version"])
+    for module in ("vllm._version", "vllm.version"):
+        mod = tree._module(module)
+        if mod is None:
+            continue
+        for name in ("__version__", "version"):
+            node = mod.defs.get(name)
+            value = getattr(node, "value", None)
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return value.value
+    return None
+
+
+def _bounds(spec) -> tuple[Version | None, Version | None]:
+    low = high = None
+    for s in spec:
+        if s.operator in (">=", ">", "==", "~="):
+            low = Version(s.version.rstrip(".*"))
+        if s.operator in ("<", "<="):
+            high = Version(s.version)
+    return low, high
+
+
+def nearest_patchset(patchsets, version: str):
+    """The patchset whose range is closest to `version` (for triage of an uncovered release)."""
+    v = Version(version)
+
+    def distance(ps) -> tuple[float, str]:
+        low, high = _bounds(ps.vllm)
+        if ps.matches(v):
+            return 0.0, ps.name
+        if high is not None and v >= high:
+            return _release_number(v) - _release_number(high), ps.name
+        if low is not None and v < low:
+            return _release_number(low) - _release_number(v), ps.name
+        return float("inf"), ps.name
+
+    return min(patchsets, key=distance) if patchsets else None
+
+
+def _release_number(v: Version) -> float:
+    parts = (list(v.release) + [0, 0, 0])[:3]
+    return parts[0] * 1e6 + parts[1] * 1e3 + parts[2]
+
+
+def check_coverage(patchsets, first: str, last: str) -> list[str]:
+    """Versions in [first, last] that no patchset selects. Coverage only changes at the bounds
+    the files name, so probing each bound and a point just above it finds every gap."""
+    lo, hi = Version(first), Version(last)
+    probes = {lo, hi}
+    for ps in patchsets:
+        for s in ps.vllm:
+            try:
+                b = Version(s.version.rstrip(".*"))
+            except ValueError:
+                continue
+            probes.add(b)
+    # Just above each probe: append a tiny release segment (0.26 -> 0.26.0.0.1).
+    probes |= {
+        Version(".".join(map(str, (list(p.release) + [0, 0, 0])[:3] + [0, 1]))) for p in probes
+    }
+    # Merge consecutive uncovered probes into [start, next covered probe) segments.
+    segments: list[tuple[Version, Version | None]] = []
+    start = None
+    for p in sorted(x for x in probes if lo <= x <= hi):
+        covered = any(ps.matches(p) for ps in patchsets)
+        if not covered and start is None:
+            start = p
+        elif covered and start is not None:
+            segments.append((start, p))
+            start = None
+    if start is not None:
+        segments.append((start, None))
+    if not segments:
+        return []
+    text = ", ".join(
+        f">={_tidy(a)},<{_tidy(b)}" if b is not None else f">={_tidy(a)},<={last}"
+        for a, b in segments
+    )
+    return [
+        f"no patchset selects vLLM {text} (ranges must leave no gap from {first} to {last}: "
+        "move a bound so that the files meet, or add a file for the gap)"
+    ]
+
+
+def _tidy(v: Version) -> str:
+    rel = v.release
+    if len(rel) == 5 and rel[3:] == (0, 1):  # a probe just above a bound
+        return f"{'.'.join(map(str, rel[:3]))}+"
+    return str(v)

@@ -1,0 +1,414 @@
+"""`flashhead patchsets`: maintainers' tools.
+
+- `check`: compare the patchset for a vLLM release with that release's source (ast only; the
+  source is fetched from the release's sdist), then check that the version ranges of all files
+  neither overlap nor leave a gap. A release no file covers is triaged against the nearest file.
+- `new`: scaffold the next range from an existing file, re-reading every signature from the new
+  release and marking each change with a YAML comment.
+- `table`: the support table (release x patchset / checks / runners / spec decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "patchsets",
+        help="maintainers' tools: check, new, table",
+        description="Maintainers' tools for the patchset YAML files.",
+    )
+    sub = parser.add_subparsers(dest="patchsets_command", metavar="ACTION")
+    parser.set_defaults(func=lambda _args: _usage(parser))
+
+    check = sub.add_parser(
+        "check",
+        help="check a patchset against a vLLM release's source (no vLLM import)",
+        description="Check the patchset that covers a vLLM release against that release's "
+        "source code, then check the version ranges of all patchset files. Exit status 1 on "
+        "any mismatch, 2 on bad input.",
+    )
+    src = check.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vllm-source", metavar="DIR", help="a vLLM source tree (contains vllm/)")
+    src.add_argument(
+        "--vllm-version", metavar="X", help="fetch release X's sdist (cached) and check it"
+    )
+    check.add_argument("--patchset", metavar="FILE", help="check this file (default: the match)")
+    _add_dir_option(check)
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.set_defaults(func=run_check)
+
+    new = sub.add_parser(
+        "new",
+        help="scaffold the next version range from an existing patchset",
+        description="Copy FILE, set the range for release X, re-read every declared signature "
+        "from X's source and mark each one that changed. The old file is not edited: the "
+        "command prints how to narrow its range.",
+    )
+    new.add_argument("--from", dest="from_file", required=True, metavar="FILE")
+    new.add_argument("--vllm", required=True, metavar="X", help="the new release, e.g. 0.34.0")
+    new.add_argument("--out", metavar="FILE", help="default: vllm-X.Y.yaml next to FILE")
+    new.add_argument("--vllm-source", metavar="DIR", help="use this source tree for release X")
+    new.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    new.set_defaults(func=run_new)
+
+    table = sub.add_parser(
+        "table",
+        help="the support table (release x patchset, checks, runners, spec decode)",
+        description="Release x {patchset, static check, run-time check, V1 runner, V2 runner, "
+        "spec decode} from the patchsets' support blocks and the CI results file.",
+    )
+    table.add_argument("--markdown", action="store_true", help="Markdown (as in the README)")
+    table.add_argument("--results", metavar="FILE", help="default: support.json in the dir")
+    _add_dir_option(table)
+    readme = table.add_mutually_exclusive_group()
+    readme.add_argument("--write-readme", metavar="README", help="replace the README's block")
+    readme.add_argument(
+        "--check-readme", metavar="README", help="exit 1 when the README's block is stale"
+    )
+    table.set_defaults(func=run_table)
+
+
+def _add_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--patchset-dir",
+        metavar="DIR",
+        help="directory of patchset files (default: $FLASHHEAD_PATCHSET_DIR or the shipped ones)",
+    )
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _fail(message: str) -> int:
+    print(f"flashhead patchsets: {message}", file=sys.stderr)
+    return 2
+
+
+# ---- check -----------------------------------------------------------------------------------
+def run_check(args: argparse.Namespace) -> int:
+    from flashhead import registry, staticcheck
+    from flashhead.support_table import NEWEST_RELEASE, OLDEST_RELEASE
+
+    try:
+        tree, version = _source_tree(args.vllm_source, args.vllm_version)
+    except (staticcheck.SourceTreeError, _InputError) as exc:
+        return _fail(str(exc))
+
+    loaded = registry.load_patchsets(args.patchset_dir)
+    if loaded.problems:
+        for p in loaded.problems:
+            print(p, file=sys.stderr)
+        return _fail("fix the patchset files above first")
+    patchsets = loaded.patchsets
+
+    triage = False
+    if args.patchset:
+        try:
+            chosen = registry.load_patchset(args.patchset)
+        except registry.PatchsetError as exc:
+            print(exc, file=sys.stderr)
+            return _fail(f"{args.patchset} is not a valid patchset")
+        except OSError as exc:
+            return _fail(f"{args.patchset}: cannot read ({exc.strerror}); check the path")
+    else:
+        chosen = registry.select_patchset(patchsets, version) if version else None
+        if chosen is None:
+            triage = True
+            chosen = staticcheck.nearest_patchset(patchsets, version or NEWEST_RELEASE)
+            if chosen is None:
+                return _fail("no patchset files found; check --patchset-dir")
+
+    rows = staticcheck.check_patchset(chosen, tree)
+    ranges = registry.check_ranges(patchsets)
+    ranges += staticcheck.check_coverage(
+        patchsets, OLDEST_RELEASE, max(NEWEST_RELEASE, version or NEWEST_RELEASE, key=Version)
+    )
+    ok = all(r.ok for r in rows) and not ranges and not triage
+
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "vllm_version": version,
+                    "source": str(tree.root),
+                    "patchset": str(chosen.path),
+                    "patchset_range": str(chosen.vllm),
+                    "triage": triage,
+                    "ok": ok,
+                    "mismatches": sum(not r.ok for r in rows),
+                    "rows": [r.to_json() for r in rows],
+                    "range_problems": ranges,
+                },
+                indent=1,
+            )
+        )
+        return 0 if ok else 1
+
+    print(f"vLLM {version or '(unknown version)'} source: {tree.root}")
+    if triage:
+        print(
+            f"TRIAGE: no patchset covers vLLM {version}; nearest is {chosen.name} "
+            f"({chosen.vllm}). Each of its targets in {version}:"
+        )
+    else:
+        print(f"patchset: {chosen.path} ({chosen.vllm}, serve: {chosen.serve})")
+    print(_render_rows(rows, triage))
+    bad = [r for r in rows if not r.ok]
+    for r in bad:
+        print(f"MISMATCH {r.patch_id}: {r.target}: {r.status}: {r.detail or 'see table'}")
+        if r.expected or r.found:
+            print(f"  expected: {r.expected or '-'}")
+            print(f"  found:    {r.found or '-'}" + (f"  at {r.location}" if r.location else ""))
+    for problem in ranges:
+        print(f"RANGES {problem}")
+    if triage:
+        print(
+            f"next: flashhead patchsets new --from {chosen.path} --vllm {version}  "
+            "(scaffolds the new range with every changed signature marked)"
+        )
+    summary = "OK" if ok else f"FAILED: {len(bad)} mismatch(es), {len(ranges)} range problem(s)"
+    print(summary)
+    return 0 if ok else 1
+
+
+def _render_rows(rows, triage: bool) -> str:
+    from flashhead.staticcheck import triage_word
+
+    table = [["patch", "target", "status", "expected", "found"]]
+    for r in rows:
+        found = r.found
+        if r.location:
+            found = f"{found} @ {r.location}" if found else f"@ {r.location}"
+        status = triage_word(r.status) if triage else r.status
+        table.append([r.patch_id, r.target, status, r.expected or "-", found or "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = []
+    for i, row in enumerate(table):
+        head = "  ".join(c.ljust(w) for c, w in zip(row[:3], widths))
+        lines.append(f"{head}  {row[3]}  ->  {row[4]}" if i else f"{head}  expected  ->  found")
+    return "\n".join(lines)
+
+
+class _InputError(ValueError):
+    pass
+
+
+def _source_tree(source: str | None, version: str | None):
+    from flashhead import sdist, staticcheck
+
+    if source:
+        tree = staticcheck.SourceTree(source)
+        return tree, _checked_version(version) if version else staticcheck.tree_version(tree)
+    version = _checked_version(version)
+    try:
+        path = sdist.fetch_source(version)
+    except sdist.SdistError as exc:
+        raise _InputError(str(exc)) from exc
+    return staticcheck.SourceTree(path), version
+
+
+def _checked_version(text: str) -> str:
+    try:
+        return str(Version(text))
+    except InvalidVersion:
+        raise _InputError(f"--vllm-version {text!r} is not a version (write e.g. 0.32.0)") from None
+
+
+# ---- new -------------------------------------------------------------------------------------
+def run_new(args: argparse.Namespace) -> int:
+    from flashhead import registry, staticcheck
+
+    src = Path(args.from_file)
+    try:
+        old = registry.load_patchset(src)
+        text = src.read_text(encoding="utf-8")
+    except registry.PatchsetError as exc:
+        print(exc, file=sys.stderr)
+        return _fail(f"{src} is not a valid patchset; fix it before scaffolding from it")
+    except OSError as exc:
+        return _fail(f"{src}: cannot read ({exc.strerror}); check the path")
+    try:
+        version = Version(_checked_version(args.vllm))
+        tree, _ = _source_tree(args.vllm_source, str(version))
+    except (staticcheck.SourceTreeError, _InputError) as exc:
+        return _fail(str(exc))
+
+    new_range, old_range = _split_ranges(old.vllm, version)
+    out = (
+        Path(args.out) if args.out else src.with_name(f"vllm-{version.major}.{version.minor}.yaml")
+    )
+    if out.exists() and not args.force and out.resolve() != src.resolve():
+        return _fail(f"{out} exists; pass --out FILE or --force")
+    if out.resolve() == src.resolve():
+        return _fail(f"--out {out} is the source file; the old file is never edited in place")
+
+    scaffold, marks = scaffold_text(text, old, tree, str(version), new_range)
+    out.write_text(scaffold, encoding="utf-8")
+    try:
+        registry.load_patchset(out)
+    except registry.PatchsetError as exc:  # pragma: no cover - would be a bug in scaffold_text
+        print(exc, file=sys.stderr)
+        return _fail(f"{out}: the scaffold does not validate (a bug; please report it)")
+
+    print(f"wrote {out} for vLLM {new_range} ({len(marks)} marked line(s))")
+    for line, note in marks:
+        print(f"  {out}:{line}: {note}")
+    print("next steps:")
+    if old_range is not None:
+        print(
+            f'  1. narrow {src}: line {old.vllm_line}: vllm: "{old.vllm}" -> vllm: "{old_range}"'
+            " (this command does not edit it)"
+        )
+    else:
+        print(f"  1. {src} ({old.vllm}) already ends before {version}; leave it as it is")
+    print(f"  2. review each marked line in {out}, update handlers, then delete the marks")
+    print(f"  3. flashhead patchsets check --vllm-version {version}")
+    return 0
+
+
+def _split_ranges(spec, version: Version) -> tuple[str, str | None]:
+    """(new file's range, old file's narrowed range or None when it already ends before)."""
+    from flashhead.staticcheck import _bounds
+
+    low, high = _bounds(spec)
+    start = f"{version.major}.{version.minor}" if version.micro == 0 else str(version)
+    if high is not None and version < high:
+        new_range = f">={start},<{high}"
+        old_range = f">={low},<{start}" if low is not None else f"<{start}"
+        return new_range, old_range
+    return f">={start},<{version.major}.{version.minor + 1}", None
+
+
+def scaffold_text(text: str, old, tree, version: str, new_range: str) -> tuple[str, list]:
+    """Return (new YAML text, [(line, note)]): `text` with the new range and every declared
+    signature re-read from `tree`; changed / moved / missing ones get a `# ... in X:` comment."""
+    import yaml
+
+    from flashhead import staticcheck
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines = text.splitlines(keepends=True)
+    edits: dict[int, tuple[int, int, str, str]] = {}  # line -> (col0, col1, new scalar, comment)
+    marks: list[tuple[int, str]] = []
+
+    def edit(node, new_value: str | None, comment: str) -> None:
+        line = node.start_mark.line
+        if node.end_mark.line != line:  # multi-line scalars: comment only
+            new_value = None
+        col0, col1 = node.start_mark.column, node.end_mark.column
+        edits[line] = (
+            col0,
+            col1,
+            json.dumps(new_value) if new_value is not None else None,
+            comment,
+        )
+        marks.append((line + 1, comment))
+
+    top = {k.value: v for k, v in root.value}
+    edit(top["vllm"], new_range, f"scaffolded from {old.name} ({old.vllm}) for vLLM {version}")
+    marks.pop()  # the range line is not a review item
+    for patch, pnode in zip(old.patches, top["patches"].value):
+        fields = {k.value: v for k, v in pnode.value}
+        for row in staticcheck.check_patch(patch, tree):
+            if row.status == staticcheck.OK:
+                continue
+            node = _site_node(fields, row.site)
+            if node is None:
+                continue
+            if row.status == staticcheck.CHANGED and row.found and row.site != "target":
+                edit(node, row.found, f"CHANGED in {version}: was {row.expected}")
+            elif row.status == staticcheck.MOVED and row.site == "target":
+                edit(node, row.location or None, f"MOVED in {version}: {row.detail}")
+            elif row.status == staticcheck.MOVED and row.found:
+                edit(node, row.found, f"MOVED in {version}: {row.detail}; was {row.expected}")
+            else:
+                edit(node, None, f"{row.status.upper()} in {version}: {row.target}: {row.detail}")
+    out = []
+    for i, line in enumerate(lines):
+        if i not in edits:
+            out.append(line)
+            continue
+        col0, col1, scalar, comment = edits[i]
+        body = line.rstrip("\n")
+        if scalar is not None:
+            body = body[:col0] + scalar + body[col1:]
+        out.append(f"{body}  # {comment}\n")
+    return "".join(out), marks
+
+
+def _site_node(fields: dict, site: str):
+    """The YAML scalar node a check row refers to (see TargetResult.site)."""
+    if site.startswith("architectures."):
+        arch = fields.get("architectures")
+        name = site.split(".", 1)[1]
+        for key, value in getattr(arch, "value", []):
+            if key.value == name:
+                return value
+        return None
+    if site.startswith("requires["):
+        index = int(site[len("requires[") : -1])
+        reqs = getattr(fields.get("requires"), "value", [])
+        if index >= len(reqs):
+            return None
+        rfields = {k.value: v for k, v in reqs[index].value}
+        return rfields.get("signature") or rfields.get("target")
+    if site == "kind":
+        return fields.get("kind")
+    return fields.get(site) or fields.get("target")
+
+
+# ---- table -----------------------------------------------------------------------------------
+def run_table(args: argparse.Namespace) -> int:
+    from flashhead import registry, support_table
+
+    loaded = registry.load_patchsets(args.patchset_dir)
+    if loaded.problems:
+        for p in loaded.problems:
+            print(p, file=sys.stderr)
+        return _fail("fix the patchset files above first")
+    results_path = Path(args.results) if args.results else None
+    if results_path is None:
+        base = Path(args.patchset_dir) if args.patchset_dir else registry.patchset_dir()
+        results_path = base / "support.json"
+    elif not results_path.is_file():
+        return _fail(f"--results {results_path}: no such file (run scripts/static_check_all.sh)")
+    try:
+        results = support_table.load_results(results_path)
+    except support_table.SupportTableError as exc:
+        return _fail(str(exc))
+    rows = support_table.build_rows(loaded.patchsets, results)
+    markdown = support_table.render_markdown(rows)
+    readme = args.write_readme or args.check_readme
+    if readme:
+        path = Path(readme)
+        try:
+            text = path.read_text(encoding="utf-8")
+            current = support_table.readme_block(text, str(path))
+        except OSError as exc:
+            return _fail(f"{path}: cannot read ({exc.strerror})")
+        except support_table.SupportTableError as exc:
+            return _fail(str(exc))
+        if args.check_readme:
+            if current.strip() != markdown.strip():
+                print(
+                    f"{path}: the support table is stale; run `flashhead patchsets table "
+                    f"--write-readme {path}`",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{path}: support table up to date")
+            return 0
+        path.write_text(support_table.replace_readme_block(text, markdown, str(path)))
+        print(f"{path}: support table updated ({len(rows)} releases)")
+        return 0
+    print(markdown if args.markdown else support_table.render_text(rows), end="")
+    return 0

@@ -1,0 +1,196 @@
+"""The support table: vLLM release x {patchset, static check, run-time check, V1 runner, V2 runner,
+spec decode}.
+
+Static facts come from each patchset's `support` block (and `serve: dense`); check results come
+from a results file that CI writes (`scripts/static_check_all.sh` -> `patchsets/support.json`).
+The README carries the Markdown rendering between two markers; a test keeps them in step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import Version
+
+# One release per minor, 0.10 -> newest (the release the reference tables use), plus 0.10.0 for
+# the pre-CustomOp range. CI checks exactly these; add the next release here when it ships.
+CI_RELEASES: tuple[str, ...] = (
+    "0.10.0",
+    "0.10.2",
+    "0.11.2",
+    "0.12.0",
+    "0.13.0",
+    "0.14.1",
+    "0.15.1",
+    "0.16.0",
+    "0.17.1",
+    "0.18.1",
+    "0.19.1",
+    "0.20.2",
+    "0.21.0",
+    "0.22.1",
+    "0.23.0",
+    "0.24.0",
+    "0.25.1",
+    "0.26.0",
+    "0.27.1",
+    "0.28.0",
+    "0.29.0",
+    "0.30.0",
+    "0.31.0",
+    "0.32.0",
+    "0.33.0",
+)
+OLDEST_RELEASE = "0.10.0"
+NEWEST_RELEASE = CI_RELEASES[-1]
+
+RESULTS_SCHEMA = 1
+README_START = "<!-- support-table:start -->"
+README_END = "<!-- support-table:end -->"
+COLUMNS = (
+    "vLLM",
+    "patchset",
+    "static check",
+    "run-time check",
+    "V1 runner",
+    "V2 runner",
+    "spec decode",
+)
+
+
+class SupportTableError(ValueError):
+    """A results file or README block is malformed."""
+
+
+@dataclass(frozen=True)
+class Row:
+    release: str
+    patchset: str
+    static_check: str
+    runtime_check: str
+    v1_runner: str
+    v2_runner: str
+    spec_decode: str
+
+    def cells(self) -> list[str]:
+        return [
+            self.release,
+            self.patchset,
+            self.static_check,
+            self.runtime_check,
+            self.v1_runner,
+            self.v2_runner,
+            self.spec_decode,
+        ]
+
+
+def default_results_path() -> Path:
+    from flashhead.registry import patchset_dir
+
+    return patchset_dir() / "support.json"
+
+
+def load_results(path: Path | None) -> dict:
+    """`{"schema": 1, "releases": {version: {"static_check": ..., "runtime_check": ...}}}`; an
+    absent file means nothing has been checked yet."""
+    if path is None or not Path(path).is_file():
+        return {"schema": RESULTS_SCHEMA, "releases": {}}
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise SupportTableError(
+            f"{path}: not valid JSON ({exc}); regenerate it with scripts/static_check_all.sh"
+        ) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("releases"), dict):
+        raise SupportTableError(
+            f'{path}: expected {{"schema": 1, "releases": {{...}}}}; regenerate it with '
+            "scripts/static_check_all.sh"
+        )
+    return data
+
+
+def write_results(path: Path, releases: Mapping[str, Mapping]) -> None:
+    """Write the results file with releases in version order (stable diffs)."""
+    ordered = {v: dict(releases[v]) for v in sorted(releases, key=Version)}
+    Path(path).write_text(
+        json.dumps({"schema": RESULTS_SCHEMA, "releases": ordered}, indent=1) + "\n"
+    )
+
+
+def build_rows(
+    patchsets: Sequence, results: Mapping, releases: Sequence[str] = CI_RELEASES
+) -> list[Row]:
+    from flashhead.registry import select_patchset
+
+    checked = results.get("releases", {})
+    rows = []
+    for release in releases:
+        ps = select_patchset(patchsets, release)
+        res = checked.get(release, {})
+        static = res.get("static_check", "not run")
+        runtime = res.get("runtime_check", "not run")
+        if ps is None:
+            rows.append(Row(release, "none", static, runtime, "-", "-", "-"))
+            continue
+        if ps.serve == "dense":
+            support = {k: "dense" for k in ("v1_runner", "v2_runner", "spec_decode")}
+            support.update({k: v for k, v in ps.support.items() if v == "absent"})
+        else:
+            support = dict(ps.support)
+        rows.append(
+            Row(
+                release,
+                ps.name,
+                static,
+                runtime,
+                support.get("v1_runner", "?"),
+                support.get("v2_runner", "?"),
+                support.get("spec_decode", "?"),
+            )
+        )
+    return rows
+
+
+def render_markdown(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(row.cells()) + " |")
+    legend = (
+        "\n`flashhead`: served with FlashHead; `dense`: the stock dense head runs (FlashHead "
+        "models still load); `absent`: that runner does not exist in the release. Static check: "
+        "`flashhead patchsets check --vllm-version X` against the release's source; run-time "
+        "check: the patch engine against an installed vLLM."
+    )
+    return "\n".join(lines) + "\n" + legend + "\n"
+
+
+def render_text(rows: Sequence[Row]) -> str:
+    table = [list(COLUMNS)] + [r.cells() for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    out = []
+    for i, r in enumerate(table):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out) + "\n"
+
+
+def readme_block(text: str, path: str = "README.md") -> str:
+    """The text between the support-table markers."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SupportTableError(
+            f"{path}: no support-table block; add the lines {README_START} and {README_END} "
+            "where the table goes"
+        )
+    return text[start + len(README_START) : end].strip("\n") + "\n"
+
+
+def replace_readme_block(text: str, table: str, path: str = "README.md") -> str:
+    readme_block(text, path)  # validates the markers
+    start = text.find(README_START) + len(README_START)
+    end = text.find(README_END)
+    return text[:start] + "\n" + table.rstrip("\n") + "\n" + text[end:]
