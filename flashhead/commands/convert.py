@@ -1,0 +1,106 @@
+"""`flashhead convert SRC OUT`: make a FlashHead model folder from an HF folder or a GGUF file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _special_tokens(text: str) -> list[int] | None:
+    """'' / 'auto': the tokenizer's; 'none': no always-scored tokens; else '1,2,3'."""
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "none":
+        return []
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--special-tokens {text!r}: expected comma-separated token ids, 'auto' or 'none'"
+        ) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert",
+        help="make a FlashHead model from a Hugging Face or GGUF model",
+        description="Cluster the LM head's rows into equal-size clusters and write a FlashHead "
+        "model folder (weights hard-linked or copied, tokenizer, config.json with the FlashHead "
+        "architecture, <cache>/clustering_cache.safetensors). OUT is built in a temp folder next "
+        "to it and renamed at the end.",
+    )
+    p.add_argument("src", help="Hugging Face model folder or .gguf file")
+    p.add_argument("out", help="output folder (must be absent or empty unless --force)")
+    p.add_argument("--cluster-size", type=_positive, default=16, help="tokens per cluster (16)")
+    p.add_argument(
+        "--probes",
+        type=_positive,
+        default=None,
+        help="n_probes written to config.json (default: clusters // 16)",
+    )
+    p.add_argument(
+        "--centroids",
+        choices=("mean", "normalized"),
+        default="mean",
+        help="centroid scored in stage 1: mean of the member rows, or its unit direction",
+    )
+    p.add_argument("--seed", type=int, default=0, help="clustering seed (deterministic)")
+    p.add_argument("--iterations", type=_positive, default=8, help="k-means iterations (8)")
+    p.add_argument(
+        "--special-tokens",
+        type=_special_tokens,
+        default=None,
+        metavar="IDS",
+        help="always-scored token ids, comma-separated; 'auto' (the tokenizer's special, eos "
+        "and bos tokens; default) or 'none'",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device for clustering (default: cuda if any, else cpu)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashhead.convert import ConvertError, ConvertOptions, convert
+
+    opts = ConvertOptions(
+        cluster_size=args.cluster_size,
+        probes=args.probes,
+        centroids=args.centroids,
+        seed=args.seed,
+        iterations=args.iterations,
+        special_tokens=args.special_tokens,
+        force=args.force,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    try:
+        result = convert(args.src, args.out, opts)
+    except ConvertError as exc:
+        print(f"flashhead convert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flashhead convert: interrupted; {args.out} was not changed", file=sys.stderr)
+        return 130
+    print(
+        f"{result.out}: {result.architecture}, V={result.vocab_size}, "
+        f"{result.n_clusters} clusters, n_probes={result.n_probes}, "
+        f"{len(result.special_token_ids)} special tokens, {result.seconds['total']:.1f} s"
+    )
+    return 0

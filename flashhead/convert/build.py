@@ -1,0 +1,195 @@
+"""`convert()`: source model -> FlashHead model folder, atomically.
+
+The folder is built in a hidden sibling temp dir and renamed into place at the end, so an
+interrupted run (Ctrl-C, crash) leaves OUT untouched: either absent, or the old folder with --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashhead.assets import write_assets
+from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
+from flashhead.convert.source import (
+    ConvertError,
+    SourceModel,
+    flashhead_architecture,
+    open_source,
+)
+
+CACHE_DIR = "flash_head_cache"
+
+
+@dataclass
+class ConvertOptions:
+    cluster_size: int = 16
+    probes: int | None = None  # None: n_clusters // 16 (upstream's default)
+    centroids: str = "mean"  # mean | normalized
+    seed: int = 0
+    iterations: int = 8
+    special_tokens: Sequence[int] | None = None  # None: the tokenizer's special/eos/bos ids
+    force: bool = False
+    device: str | None = None
+    progress: bool = True
+    extra_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    n_clusters: int
+    n_probes: int
+    special_token_ids: list[int]
+    seconds: dict[str, float]
+
+
+def _log(msg: str, enabled: bool) -> None:
+    if enabled:
+        print(f"flashhead convert: {msg}", file=sys.stderr, flush=True)
+
+
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse to clobber: a non-empty OUT needs --force, and OUT may never hold SRC."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or out_r in src_r.parents or src_r in out_r.parents:
+        raise ConvertError(
+            f"{out}: the output folder overlaps the source {src}. Fix: choose another OUT"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder. Fix: choose another OUT")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConvertError(
+            f"{out}: exists and is not empty. Fix: pass --force to replace it, or choose another OUT"
+        )
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fix_file_modes(folder: Path) -> None:
+    # safetensors writes 0600 files; a model folder is meant to be read by other users (servers).
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_nlink == 1:  # leave hard-linked source files alone
+            os.chmod(path, mode)
+        elif path.is_dir():
+            os.chmod(path, 0o777 & ~_umask())
+
+
+def _write_config(source: SourceModel, tmp: Path, extra: dict) -> str:
+    cfg = dict(source.config)
+    arch = flashhead_architecture(source.architecture)
+    cfg["architectures"] = [arch]
+    for key in ("flash_head_cache_dir", "n_probes", "n_clusters", "flash_head_special_token_ids"):
+        cfg.pop(key, None)
+    cfg.update(extra)
+    # A fresh file, never the source's (which may be hard-linked): write_assets edits it in place.
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return arch
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions) -> ConvertResult:
+    src, out = Path(src), Path(out)
+    check_output(src, out, opts.force)
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    _log(f"reading {src}", opts.progress)
+    source = open_source(src)
+    seconds["load"] = time.monotonic() - t0
+    weight = source.head_weight
+    vocab, hidden = int(weight.shape[0]), int(weight.shape[1])
+    if opts.cluster_size < 1 or vocab % opts.cluster_size:
+        raise ConvertError(
+            f"{src}: the head has {vocab} rows, not a multiple of --cluster-size "
+            f"{opts.cluster_size}. Fix: pick a cluster size that divides {vocab}"
+        )
+    n_clusters = vocab // opts.cluster_size
+    n_probes = opts.probes if opts.probes is not None else max(1, n_clusters // 16)
+    if not 1 <= n_probes <= n_clusters:
+        raise ConvertError(f"--probes {n_probes}: expected 1..{n_clusters} (number of clusters)")
+    specials = (
+        sorted({int(t) for t in opts.special_tokens})
+        if opts.special_tokens is not None
+        else source.special_token_ids
+    )
+    bad = [t for t in specials if not 0 <= t < vocab]
+    if bad:
+        raise ConvertError(
+            f"--special-tokens {bad}: not token ids of this vocabulary (0..{vocab - 1})"
+        )
+    _log(
+        f"{source.architecture}: V={vocab}, d={hidden}, {n_clusters} clusters of "
+        f"{opts.cluster_size}, {n_probes} probes",
+        opts.progress,
+    )
+
+    t1 = time.monotonic()
+    w32 = weight.float()
+    kmeans = KMeansOptions(
+        cluster_size=opts.cluster_size,
+        iterations=opts.iterations,
+        seed=opts.seed,
+        device=opts.device,
+        progress=opts.progress,
+    )
+    assignments = balanced_kmeans(w32, kmeans)
+    centroids = centroids_for(w32, assignments, opts.centroids)
+    seconds["cluster"] = time.monotonic() - t1
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; OUT should look like mkdir's
+        t2 = time.monotonic()
+        source.materialize(tmp)
+        arch = _write_config(source, tmp, opts.extra_config)
+        write_assets(
+            tmp,
+            centroids,
+            assignments,
+            n_probes=n_probes,
+            special_token_ids=specials,
+            cache_dir=CACHE_DIR,
+        )
+        _fix_file_modes(tmp)
+        _swap_into_place(tmp, out)
+        seconds["write"] = time.monotonic() - t2
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds["total"] = time.monotonic() - t0
+    _log(f"wrote {out} in {seconds['total']:.1f} s", opts.progress)
+    return ConvertResult(
+        out=out,
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_clusters=n_clusters,
+        n_probes=n_probes,
+        special_token_ids=list(specials),
+        seconds=seconds,
+    )
