@@ -1,0 +1,47 @@
+"""Shared test fixtures. Keep small: module-specific fixtures live in their own test modules."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+FIXTURES_DIR = TESTS_DIR / "fixtures"
+
+# Fake host libraries (tests/fixtures/fakelib) import as top-level packages, like vLLM would.
+if str(FIXTURES_DIR) not in sys.path:
+    sys.path.insert(0, str(FIXTURES_DIR))
+# tests.helpers is importable as `helpers` from any test module.
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def test_python() -> str:
+    """The interpreter of the vLLM venv under test: ``$FLASHHEAD_TEST_PYTHON`` or this one."""
+    return os.environ.get("FLASHHEAD_TEST_PYTHON") or sys.executable
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A fresh directory for files a test writes (YAML, models, logs)."""
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def clean_flashhead_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FLASHHEAD_* overrides leak in from the caller's environment."""
+    for name in list(os.environ):
+        if name.startswith("FLASHHEAD_") and name != "FLASHHEAD_TEST_PYTHON":
+            monkeypatch.delenv(name, raising=False)

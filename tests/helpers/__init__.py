@@ -1,0 +1,1 @@
+"""Reusable test helpers: tiny local models, a vLLM server fixture."""
