@@ -39,7 +39,9 @@ def _table(sampler: Any) -> dict[int, tuple[RowDecision, int | None]]:
 def sampler_add_request(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     req_idx = args[0] if args else kwargs["req_idx"]
-    params = args[1] if len(args) > 1 else kwargs["sampling_params"]
+    # sampling_params is the last parameter: (req_idx, prompt_len, sampling_params) in vLLM
+    # 0.15-0.30, (req_idx, sampling_params) from 0.31.
+    params = kwargs["sampling_params"] if "sampling_params" in kwargs else args[-1]
     seed = getattr(params, "seed", None)
     _table(instance)[int(req_idx)] = (classify(params), None if seed is None else int(seed))
     return result
