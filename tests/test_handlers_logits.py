@@ -1,0 +1,263 @@
+"""FlashHead LogitsProcessor (register_oot subclass) against a fake vLLM LogitsProcessor."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashhead.assets import write_assets
+from flashhead.handlers import logits as logits_mod
+from flashhead.handlers.logits import make_logits_processor
+from flashhead.handlers.plan import RowDecision, RowKind, StepPlan, greedy_plan, plan_scope
+
+V, D, C = 96, 16, 12  # vocab, hidden, clusters (8 tokens each)
+
+
+class FakeLogitsProcessor(torch.nn.Module):
+    """The parts of vLLM's LogitsProcessor that the subclass relies on (0.26-0.28 forward)."""
+
+    def __init__(
+        self, vocab_size, org_vocab_size=None, scale=1.0, logits_as_input=False, soft_cap=None
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.org_vocab_size = org_vocab_size or vocab_size
+        self.scale = scale
+        self.logits_as_input = logits_as_input
+        self.soft_cap = soft_cap
+
+    def forward(self, lm_head, hidden_states, embedding_bias=None):
+        logits = F.linear(hidden_states, lm_head.weight, embedding_bias)[..., : self.org_vocab_size]
+        if self.soft_cap is not None:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return logits
+
+
+class FakeLogitsProcessorSkipGather(FakeLogitsProcessor):
+    """0.29+ forward signature."""
+
+    def forward(self, lm_head, hidden_states, embedding_bias=None, skip_gather=False):
+        return super().forward(lm_head, hidden_states, embedding_bias)
+
+
+class UnquantizedEmbeddingMethod:
+    pass
+
+
+class FakeHead(torch.nn.Module):
+    def __init__(self, weight, quant=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.quant_method = quant or UnquantizedEmbeddingMethod()
+        self.tp_size = 1
+
+
+@pytest.fixture
+def model(tmp_path, monkeypatch):
+    """A FlashHead model folder with a clustered head; the processor sees it as vLLM's model."""
+    gen = torch.Generator().manual_seed(0)
+    centroids = torch.randn(C, D, generator=gen)
+    assignments = torch.arange(V) % C
+    # Tokens near their cluster centroid, so that cluster retrieval is meaningful.
+    weight = centroids[assignments] + 0.3 * torch.randn(V, D, generator=gen)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": D, "vocab_size": V}))
+    write_assets(tmp_path, centroids, assignments, n_probes=3)
+    monkeypatch.setattr(
+        logits_mod,
+        "model_identity",
+        lambda: (str(tmp_path), json.loads((tmp_path / "config.json").read_text())),
+    )
+    monkeypatch.setenv("FLASHHEAD_ENABLED", "1")
+    monkeypatch.setattr(logits_mod, "flashhead_enabled", lambda: True)
+    return tmp_path, FakeHead(weight)
+
+
+def set_probes(model_dir, n):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["n_probes"] = n
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_non_flashhead_model_gets_the_stock_class(monkeypatch):
+    monkeypatch.setattr(logits_mod, "model_identity", lambda: ("/m", {"vocab_size": V}))
+    cls = make_logits_processor(FakeLogitsProcessor, None)
+    proc = cls(V)
+    assert type(proc) is FakeLogitsProcessor
+
+
+def test_flashhead_off_gets_the_stock_class(model, monkeypatch):
+    monkeypatch.setattr(logits_mod, "flashhead_enabled", lambda: False)
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    assert type(proc) is FakeLogitsProcessor
+
+
+@pytest.mark.parametrize("base", [FakeLogitsProcessor, FakeLogitsProcessorSkipGather])
+def test_forward_signature_mirrors_the_release(base):
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    cls = make_logits_processor(base, None)
+    assert params(cls.forward) == params(base.forward)
+
+
+def test_no_plan_is_stock(model):
+    _, head = model
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(3, D)
+    assert torch.equal(proc(head, h), FakeLogitsProcessor.forward(proc, head, h))
+
+
+def test_row_mismatch_is_stock(model):
+    _, head = model
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(3, D)
+    with plan_scope(greedy_plan(2)):
+        out = proc(head, h)
+    assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+
+
+@pytest.mark.parametrize("scale, soft_cap", [(1.0, None), (0.5, None), (1.0, 3.0), (2.0, 5.0)])
+def test_all_probes_greedy_equals_dense(model, scale, soft_cap):
+    model_dir, head = model
+    set_probes(model_dir, C)
+    proc = make_logits_processor(FakeLogitsProcessorSkipGather, None)(
+        V, scale=scale, soft_cap=soft_cap
+    )
+    h = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+    dense = FakeLogitsProcessor.forward(proc, head, h)
+    with plan_scope(greedy_plan(5)):
+        out = proc(head, h)
+    assert out.shape == (5, V)
+    assert torch.equal(out.argmax(-1), dense.argmax(-1))
+    torch.testing.assert_close(out.float(), dense.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_default_probes_mask_outside_candidates(model):
+    _, head = model  # n_probes=3 of 12 clusters
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(4, D, generator=torch.Generator().manual_seed(2))
+    dense = FakeLogitsProcessor.forward(proc, head, h)
+    with plan_scope(greedy_plan(4)):
+        out = proc(head, h)
+    finite = torch.isfinite(out)
+    assert (finite.sum(-1) < V).all() and (finite.sum(-1) > 0).all()
+    assert torch.isneginf(out[~finite]).all()
+    torch.testing.assert_close(out[finite].float(), dense[finite].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_plan_dense_rows_exact(model):
+    _, head = model
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(3, D, generator=torch.Generator().manual_seed(3))
+    plan = StepPlan(
+        decisions=[
+            RowDecision(RowKind.GREEDY),
+            RowDecision(RowKind.DENSE, reason="logprobs"),
+            RowDecision(RowKind.GREEDY),
+        ]
+    )
+    with plan_scope(plan):
+        out = proc(head, h)
+    # The dense row is vLLM's own forward on that row (exactly what the stock class computes).
+    assert torch.equal(out[1], FakeLogitsProcessor.forward(proc, head, h[[1]])[0].to(out.dtype))
+    assert not torch.isfinite(out[0]).all() and not torch.isfinite(out[2]).all()
+
+
+def sampled_plan(n, seed):
+    return StepPlan(
+        decisions=[RowDecision(RowKind.SAMPLED, temperature=0.8)] * n,
+        generators=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+    )
+
+
+def test_seeded_sampled_rows_repeat(model):
+    _, head = model
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
+    with plan_scope(sampled_plan(4, 100)):
+        a = proc(head, h)
+    with plan_scope(sampled_plan(4, 100)):
+        b = proc(head, h)
+    assert torch.equal(a, b)
+    # Different seeds pick different probe sets for some row (Gumbel-top-k over 12 clusters).
+    outs = []
+    for seed in range(0, 200, 20):
+        with plan_scope(sampled_plan(4, seed)):
+            outs.append(torch.isfinite(proc(head, h)))
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_head_error_gives_stock_and_logs_once(model, monkeypatch, caplog):
+    _, head = model
+    import flashhead.head
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(flashhead.head.FlashHead, "build", classmethod(boom))
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(2, D)
+    with caplog.at_level(logging.ERROR, logger="flashhead.test"):
+        for _ in range(3):
+            with plan_scope(greedy_plan(2)):
+                out = proc(head, h)
+            assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+    assert sum("kernel exploded" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_quantized_head_is_dense(model, monkeypatch, caplog):
+    _, head = model
+
+    class Fp8EmbeddingMethod:
+        pass
+
+    head.quant_method = Fp8EmbeddingMethod()
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(2, D)
+    with caplog.at_level(logging.WARNING, logger="flashhead.test"), plan_scope(greedy_plan(2)):
+        out = proc(head, h)
+    assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+    assert any("quantized lm_head" in r.getMessage() for r in caplog.records)
+
+
+def test_tensor_parallel_head_is_dense(model):
+    _, head = model
+    head.tp_size = 2
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(2, D)
+    with plan_scope(greedy_plan(2)):
+        out = proc(head, h)
+    assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+
+
+def test_padded_lm_head_uses_first_vocab_rows(model):
+    model_dir, head = model
+    set_probes(model_dir, C)
+    padded = FakeHead(torch.cat([head.weight.data, 100.0 * torch.ones(32, D)]))
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V + 32, org_vocab_size=V)
+    h = torch.randn(3, D)
+    with plan_scope(greedy_plan(3)):
+        out = proc(padded, h)
+    assert out.shape == (3, V)
+    assert torch.equal(out.argmax(-1), FakeLogitsProcessor.forward(proc, padded, h).argmax(-1))
+
+
+def test_embedding_bias_is_dense(model):
+    _, head = model
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(2, D)
+    bias = torch.randn(V)
+    with plan_scope(greedy_plan(2)):
+        out = proc(head, h, bias)
+    assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h, bias))
