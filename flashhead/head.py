@@ -179,7 +179,7 @@ class FlashHead:
             probes = torch.cat([probes, self._special_probes.expand(n_rows, -1)], dim=1)
         return probes
 
-    def _run(self, h, n_probes, temperature, generators, want_tokens):
+    def _run(self, h, n_probes, temperature, generators, want_tokens, want_scores=True):
         h = self._check_h(h)
         inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
         probes = self._probes(h, n_probes, inv_t, generators, temperature)
@@ -194,6 +194,7 @@ class FlashHead:
             inv_t if tok_noise is not None else None,
             tok_noise,
             want_tokens=want_tokens,
+            want_scores=want_scores,
             buffers=self._buffers,
         )
 
@@ -216,7 +217,9 @@ class FlashHead:
         h = self._check_h(h)
         if self.uses_dense(h.shape[0], h.device):
             return self._dense_tokens(h, temperature, generators)
-        _, _, tokens = self._run(h, None, temperature, generators, want_tokens=True)
+        _, _, tokens = self._run(
+            h, None, temperature, generators, want_tokens=True, want_scores=False
+        )
         return tokens
 
     def logits(

@@ -53,6 +53,8 @@ def interpreting() -> bool:
 def resolve_backend(explicit: str | None, device: torch.device | str | None) -> str:
     """The backend that will run on `device`: 'triton' or 'torch'. Raises BackendError when
     triton is forced where it cannot run."""
+    if explicit == "reference":  # exact fp32 torch math, for tests and comparisons only
+        return "reference"
     want = requested_backend(explicit)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     ok, info = triton_status()
@@ -101,6 +103,11 @@ def backend_ops(backend: str) -> Any:
             probe_keys=triton_ops.probe_keys, candidate_scores=triton_ops.candidate_scores
         )
     from flashhead.kernels import reference
+
+    if backend == "reference":
+        return SimpleNamespace(
+            probe_keys=reference.probe_keys, candidate_scores=reference.candidate_scores
+        )
 
     def candidate_scores(*args, **kwargs):
         return reference.candidate_scores(*args, fast=True, **kwargs)

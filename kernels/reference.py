@@ -24,10 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Low 32 bits of the packed (key, token) value: larger for smaller ids, so max() breaks ties
-# toward the smallest token id, like torch.argmax over the full vocabulary.
-_TOKEN_MASK = 0x7FFFFFFF
-
 
 @dataclass
 class ClusterIndex:
@@ -139,13 +135,16 @@ def candidate_scores(
     noise: torch.Tensor | None = None,
     *,
     want_tokens: bool = True,
+    want_scores: bool = True,
     fast: bool = False,
     buffers: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 2: (ids [B, K], scores [B, K] float32 with -inf on unused slots, tokens [B] | None).
 
-    `probes` is [B, P] int64: sorted regular clusters then the special clusters.
+    `probes` is [B, P] int64: sorted regular clusters then the special clusters. `want_scores`
+    is accepted for symmetry with the Triton backend (the reference always returns them).
     """
+    del want_scores
     ids = candidate_ids(index, probes)
     if fast and h.device.type == "cpu":
         scores = _scores_rowwise(h, index, probes, buffers if buffers is not None else {})
@@ -182,16 +181,3 @@ def _scores_rowwise(
         torch.mm(hq[b : b + 1], flat.t(), out=row_out)
         scores[b].copy_(row_out[0])
     return scores
-
-
-def pack_best(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 packing of (key, token) used by the Triton fused argmax; exposed
-    for tests: max over packed values == `pick` semantics."""
-    bits = keys.contiguous().view(torch.int32).to(torch.int64)
-    ordered = torch.where(bits >= 0, bits, bits ^ _TOKEN_MASK)
-    low = torch.where(ids >= 0, _TOKEN_MASK - ids, torch.zeros_like(ids))
-    return (ordered << 32) | low
-
-
-def unpack_token(packed: torch.Tensor) -> torch.Tensor:
-    return _TOKEN_MASK - (packed & 0xFFFFFFFF)

@@ -1,0 +1,228 @@
+"""Triton FlashHead kernels: the same two steps as `reference.py`, with the same semantics.
+
+- `_probe_keys_kernel`: stage 1 (int8 centroids, fp32 accumulate, per-centroid scale) fused with
+  the Gumbel perturbation of sampled rows, so selection reads finished keys. Top-p selection
+  itself stays in torch (shared code): a global top-p across programs needs a second pass anyway.
+- `_candidates_kernel`: stage 2 fused with the argmax / Gumbel-max pick. Each program scores
+  `CPB` probed clusters of one row (gathered straight from the cluster-major copy), masks
+  padding and duplicated special tokens, and folds its best (key, token) into one int64 per row
+  with `tl.atomic_max` (order-preserving float bits in the high word, `0x7FFFFFFF - token` in the
+  low word: ties go to the smallest token id).
+
+Launched only for CUDA tensors, or for CPU tensors under `TRITON_INTERPRET=1` (tests). Every
+value is upcast to float32 right after `tl.load` (the interpreter computes bf16 wrongly, and it
+keeps the products exact like the reference); `tl.dot` runs with `input_precision="ieee"`.
+Block sizes are per platform: large blocks when interpreting (each program costs milliseconds
+there), small ones on the GPU (enough programs to fill the SMs at B=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from flashhead.kernels.reference import ClusterIndex, candidate_ids
+
+MIN_DOT_K = 16  # NVIDIA tl.dot needs K >= 16 (the interpreter accepts less: check it here)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"flashhead Triton kernels need CUDA tensors (got {t.device}); "
+                "use FLASHHEAD_BACKEND=torch or set TRITON_INTERPRET=1 before importing triton"
+            )
+
+
+@triton.jit
+def _probe_keys_kernel(
+    h_ptr, q_ptr, scale_ptr, invt_ptr, noise_ptr, out_ptr,
+    B, C, D, stride_h, stride_q, stride_n, stride_o,
+    HAS_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mb = rb < B
+    mc = rc < C
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        md = rd < D
+        hv = tl.load(
+            h_ptr + rb[:, None] * stride_h + rd[None, :], mask=mb[:, None] & md[None, :], other=0.0
+        )
+        qv = tl.load(
+            q_ptr + rc[:, None] * stride_q + rd[None, :], mask=mc[:, None] & md[None, :], other=0
+        )
+        acc += tl.dot(hv.to(tl.float32), tl.trans(qv.to(tl.float32)), input_precision="ieee")
+    scale = tl.load(scale_ptr + rc, mask=mc, other=0.0)
+    keys = acc * scale[None, :]
+    if HAS_NOISE:
+        inv_t = tl.load(invt_ptr + rb, mask=mb, other=0.0)
+        nz = tl.load(
+            noise_ptr + rb[:, None] * stride_n + rc[None, :],
+            mask=mb[:, None] & mc[None, :],
+            other=0.0,
+        )
+        keys = tl.where(inv_t[:, None] > 0, keys * inv_t[:, None] + nz, keys)
+    tl.store(out_ptr + rb[:, None] * stride_o + rc[None, :], keys, mask=mb[:, None] & mc[None, :])
+
+
+@triton.jit
+def _candidates_kernel(
+    h_ptr, wc_ptr, slot_ids_ptr, slot_home_ptr, probes_ptr, invt_ptr, noise_ptr, scores_ptr, best_ptr,
+    D, P, P_REG, stride_h, stride_w, stride_p, stride_n, stride_s,
+    S: tl.constexpr, SP: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_PR: tl.constexpr, HAS_SPECIAL: tl.constexpr, HAS_NOISE: tl.constexpr,
+    WANT_SCORES: tl.constexpr, WANT_BEST: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    rn = tl.arange(0, CPB * SP)
+    pj = j * CPB + rn // SP  # probe index in the row
+    within = rn % SP
+    valid = (pj < P) & (within < S)
+    cid = tl.load(probes_ptr + b * stride_p + pj, mask=valid, other=0).to(tl.int64)
+    slot = cid * S + within
+    tok = tl.load(slot_ids_ptr + slot, mask=valid, other=-1)
+    acc = tl.zeros((CPB * SP,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        md = rd < D
+        hv = tl.load(h_ptr + b * stride_h + rd, mask=md, other=0.0).to(tl.float32)
+        w = tl.load(
+            wc_ptr + slot[:, None] * stride_w + rd[None, :],
+            mask=valid[:, None] & md[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(w.to(tl.float32) * hv[None, :], axis=1)
+    if HAS_SPECIAL:
+        # A special token whose home cluster is probed is already a candidate: mask the copy.
+        home = tl.load(slot_home_ptr + slot, mask=valid, other=-1)
+        rp = tl.arange(0, BLOCK_PR)
+        reg = tl.load(probes_ptr + b * stride_p + rp, mask=rp < P_REG, other=-2)
+        hit = (home[:, None] == reg[None, :]) & (home[:, None] >= 0)
+        dup = tl.sum(hit.to(tl.int32), axis=1) > 0
+        tok = tl.where(dup, -1, tok)
+    live = tok >= 0
+    score = tl.where(live, acc, float("-inf"))
+    k = pj * S + within  # candidate slot, same order as reference.candidate_ids
+    if WANT_SCORES:
+        tl.store(scores_ptr + b * stride_s + k, score, mask=valid)
+    if WANT_BEST:
+        key = score
+        if HAS_NOISE:
+            inv_t = tl.load(invt_ptr + b)
+            nz = tl.load(noise_ptr + b * stride_n + k, mask=valid, other=0.0)
+            key = tl.where(inv_t > 0, acc * inv_t + nz, score)
+        key = tl.where(live, key, float("-inf"))
+        top = tl.max(key, axis=0)
+        low = tl.max(tl.where(live & (key == top), 0x7FFFFFFF - tok, -1), axis=0)
+        bits = top.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        packed = (ordered.to(tl.int64) << 32) | low.to(tl.int64)
+        tl.atomic_max(best_ptr + b, packed, mask=low >= 0)
+
+
+def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int]:
+    if _interpreting():
+        return (
+            min(max(16, _pow2(n_rows)), 64),
+            min(max(16, _pow2(c)), 1024),
+            min(max(16, _pow2(d)), 512),
+        )
+    return (16 if n_rows <= 16 else 32), 64, 128
+
+
+def probe_keys(
+    h: torch.Tensor,
+    cent_q: torch.Tensor,
+    cent_scale: torch.Tensor,
+    inv_t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage 1 keys [B, c] float32; semantics of `reference.probe_keys`."""
+    _check_device(h, cent_q)
+    n_rows, d = h.shape
+    c = cent_q.shape[0]
+    block_b, block_c, block_d = _probe_blocks(n_rows, c, d)
+    assert block_d >= MIN_DOT_K and block_b >= 16 and block_c >= 16, "tl.dot needs K, M, N >= 16"
+    h = h.contiguous()
+    out = torch.empty(n_rows, c, dtype=torch.float32, device=h.device)
+    has_noise = inv_t is not None and noise is not None
+    nz = noise.contiguous() if has_noise else out
+    it = inv_t.contiguous() if has_noise else out
+    grid = (triton.cdiv(c, block_c), triton.cdiv(n_rows, block_b))
+    _probe_keys_kernel[grid](
+        h, cent_q, cent_scale, it, nz, out,
+        n_rows, c, d, h.stride(0), cent_q.stride(0), nz.stride(0), out.stride(0),
+        HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def _candidate_blocks(n_probes: int, sp: int, d: int) -> tuple[int, int]:
+    if _interpreting():
+        return _pow2(n_probes), min(max(16, _pow2(d)), 512)
+    return max(1, 16 // sp), min(256, max(16, _pow2(d)))
+
+
+def candidate_scores(
+    h: torch.Tensor,
+    index: ClusterIndex,
+    probes: torch.Tensor,
+    inv_t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    want_tokens: bool = True,
+    want_scores: bool = True,
+    buffers: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Stage 2 (ids, scores, tokens); semantics of `reference.candidate_scores`.
+
+    With `want_scores=False` only the tokens are computed (ids and scores are None)."""
+    _check_device(h, index.wc, probes)
+    n_rows, d = h.shape
+    n_probe = probes.shape[1]
+    s = index.cluster_size
+    sp = _pow2(s)
+    k = n_probe * s
+    cpb, block_d = _candidate_blocks(n_probe, sp, d)
+    h = h.contiguous()
+    probes = probes.contiguous()
+    device = h.device
+    scores = torch.empty(n_rows, k, dtype=torch.float32, device=device) if want_scores else None
+    best = None
+    if want_tokens:
+        best = torch.full((n_rows,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+    has_noise = want_tokens and inv_t is not None and noise is not None
+    dummy = index.cent_scale
+    nz = noise.contiguous() if has_noise else dummy
+    p_reg = n_probe - index.n_special_clusters
+    grid = (n_rows, triton.cdiv(n_probe, cpb))
+    _candidates_kernel[grid](
+        h, index.wc, index.slot_ids, index.slot_home, probes,
+        inv_t.contiguous() if has_noise else dummy, nz,
+        scores if want_scores else dummy, best if want_tokens else dummy,
+        d, n_probe, p_reg, h.stride(0), index.wc.stride(0), probes.stride(0),
+        nz.stride(0) if has_noise else 0, scores.stride(0) if want_scores else 0,
+        S=s, SP=sp, CPB=cpb, BLOCK_D=block_d, BLOCK_PR=_pow2(max(p_reg, 1)),
+        HAS_SPECIAL=index.n_special_clusters > 0, HAS_NOISE=has_noise,
+        WANT_SCORES=want_scores, WANT_BEST=want_tokens,
+    )  # fmt: skip
+    tokens = (0x7FFFFFFF - (best & 0xFFFFFFFF)) if want_tokens else None
+    ids = candidate_ids(index, probes) if want_scores else None
+    return ids, scores, tokens

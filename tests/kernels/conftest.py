@@ -1,0 +1,63 @@
+"""Kernel tests run the Triton kernels in the interpreter on CPU unless a GPU run turns it off.
+
+TRITON_INTERPRET is read when `@triton.jit` decorates a kernel, so it must be set before
+`flashhead.kernels.triton_ops` is imported (setdefault: `TRITON_INTERPRET=0` on a GPU machine
+runs the same tests on CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def kernel_device() -> torch.device:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.fail("TRITON_INTERPRET=0 but no CUDA device: the Triton kernels cannot run here")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return kernel_device()
+
+
+def random_assets(
+    vocab: int,
+    hidden: int,
+    n_clusters: int,
+    *,
+    n_probes: int,
+    specials: list[int] | None = None,
+    unequal: bool = False,
+    seed: int = 0,
+):
+    """(weight [V, d] float32, FlashHeadAssets) with clustered structure: tokens are noisy copies
+    of their cluster's centroid, so the centroid ranking predicts the token ranking."""
+    from pathlib import Path
+
+    from flashhead.assets import FlashHeadAssets
+
+    gen = torch.Generator().manual_seed(seed)
+    assign = torch.randperm(vocab, generator=gen) % n_clusters
+    if unequal:
+        assign[assign == 0] = torch.where(torch.arange(int((assign == 0).sum())) % 2 == 0, 0, 1)
+    centers = torch.randn(n_clusters, hidden, generator=gen)
+    weight = centers[assign] + 0.5 * torch.randn(vocab, hidden, generator=gen)
+    centroids = torch.stack([weight[assign == i].mean(0) for i in range(n_clusters)])
+    assets = FlashHeadAssets(
+        model_dir=Path("."), cache_dir=Path("."), centroids=centroids, assignments=assign,
+        n_probes=n_probes, special_token_ids=sorted(specials or []),
+    )  # fmt: skip
+    return weight, assets
+
+
+@pytest.fixture(scope="session")
+def make_assets():
+    return random_assets

@@ -1,0 +1,101 @@
+"""Triton kernels == torch reference, bit for bit on token ids (interpreter on CPU, or CUDA).
+
+Both heads share the probe selection and the noise (same seeded generators), so any difference
+comes from the kernels. Shapes are small and blocks large: each interpreted program costs ms.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from flashhead.kernels import triton_ops
+
+from flashhead.head import FlashHead
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (V, d, c, n_probes, specials, unequal clusters): d=48 exercises masked d blocks, the
+# unequal case padded slots (s not a power of two), specials the always-probed clusters.
+SHAPES = [
+    (128, 32, 16, 4, [], False),
+    (96, 48, 12, 3, [0, 5, 95], True),
+]
+
+
+def heads(make_assets, device, shape, dtype):
+    vocab, hidden, c, p, specials, unequal = shape
+    weight, assets = make_assets(vocab, hidden, c, n_probes=p, specials=specials, unequal=unequal)
+    weight = weight.to(device=device, dtype=dtype)
+    return (
+        FlashHead.build(weight, assets, backend="triton"),
+        FlashHead.build(weight, assets, backend="reference"),
+    )
+
+
+def gens(n, seed):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["equal", "padded+specials"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_triton_matches_reference(make_assets, device, shape, dtype):
+    tri, ref = heads(make_assets, device, shape, dtype)
+    assert tri.backend == "triton" and ref.backend == "reference"
+    hidden = shape[1]
+    h_all = torch.randn(8, hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    for n_rows, sampling in itertools.product((1, 3, 8), (False, True)):
+        h = h_all[:n_rows]
+        temp = None
+        if sampling:  # mix greedy (T=0) and sampled rows
+            temp = torch.tensor([0.0, 0.7, 1.3, 0.0, 2.0, 0.5, 1.0, 0.9][:n_rows], device=device)
+        got = tri.tokens(h, temperature=temp, generators=gens(n_rows, 10) if sampling else None)
+        want = ref.tokens(h, temperature=temp, generators=gens(n_rows, 10) if sampling else None)
+        assert torch.equal(got.cpu(), want.cpu()), (n_rows, sampling, got, want)
+        # Candidates: same ids and (up to summation order) the same scores.
+        ct = tri.candidates(h, temperature=temp, generators=gens(n_rows, 20) if sampling else None)
+        cr = ref.candidates(h, temperature=temp, generators=gens(n_rows, 20) if sampling else None)
+        assert torch.equal(ct.ids.cpu(), cr.ids.cpu())
+        live = cr.ids >= 0
+        torch.testing.assert_close(ct.scores[live], cr.scores[live], rtol=1e-5, atol=1e-4)
+        assert torch.isneginf(ct.scores[~live]).all()
+
+
+def test_full_probe_greedy_equals_dense_argmax(make_assets, device):
+    """p = c: every token is a candidate, so greedy FlashHead is the dense argmax."""
+    weight, assets = make_assets(96, 48, 12, n_probes=12, specials=[3, 50], unequal=True)
+    weight = weight.to(device)
+    head = FlashHead.build(weight, assets, backend="triton")
+    h = torch.randn(8, 48, generator=torch.Generator().manual_seed(2)).to(device)
+    dense = (h @ weight.t()).argmax(dim=1)
+    assert torch.equal(head.tokens(h).cpu(), dense.cpu())
+
+
+def test_ties_go_to_smallest_token_id(make_assets, device):
+    weight, assets = make_assets(128, 32, 16, n_probes=16)
+    weight = weight.clone()
+    weight[77] = weight[5]  # exact duplicate rows: equal scores for 5 and 77
+    weight[5] *= 1.0
+    h = (weight[5] * 10).unsqueeze(0)
+    head = FlashHead.build(weight.to(device), assets, backend="triton")
+    dense = (h @ weight.t()).argmax(dim=1)
+    assert int(dense) == 5
+    assert int(head.tokens(h.to(device))) == 5
+
+
+def test_dot_blocks_respect_min_k(monkeypatch):
+    """Every tl.dot launch must use K >= 16 (NVIDIA's minimum), even for tiny hidden sizes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for n_rows, c, d in [(1, 4, 8), (3, 16, 16), (40, 8016, 2048)]:
+        block_b, block_c, block_d = triton_ops._probe_blocks(n_rows, c, d)
+        assert min(block_b, block_c, block_d) >= triton_ops.MIN_DOT_K
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert min(triton_ops._probe_blocks(1, 4, 8)) >= triton_ops.MIN_DOT_K
+
+
+def test_refuses_cpu_tensors_without_interpreter(monkeypatch, make_assets):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    weight, assets = make_assets(128, 32, 16, n_probes=4)
+    head = FlashHead.build(weight, assets, backend="reference")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        triton_ops.probe_keys(torch.randn(1, 32), head.index.cent_q, head.index.cent_scale)
