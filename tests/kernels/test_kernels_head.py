@@ -1,0 +1,147 @@
+"""flashhead.head.FlashHead (torch backend on CPU) and the backend dispatcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flashhead.kernels import dispatch
+
+from flashhead.head import FlashHead
+
+
+@pytest.fixture
+def setup(make_assets):
+    weight, assets = make_assets(128, 32, 16, n_probes=4, specials=[2, 100])
+    return weight, assets
+
+
+def test_build_uses_first_v_rows_and_states_memory(setup):
+    weight, assets = setup
+    padded = torch.cat([weight, torch.randn(5, 32)])  # vLLM pads the head's rows
+    head = FlashHead.build(padded, assets, backend="torch")
+    assert head.vocab_size == 128 and head.weight.shape == (128, 32)
+    assert head.weight.data_ptr() == padded.data_ptr()  # a view: no copy of the head itself
+    assert (head.n_clusters, head.cluster_size, head.n_probes) == (16, 8, 4)
+    head_bytes = 128 * 32 * 4
+    # one cluster-major copy (+ one always-probed cluster of specials, int8 centroids, slot ids)
+    assert head_bytes <= head.extra_bytes <= head_bytes + 8 * 32 * 4 + 16 * 32 + 8 * 136 + 64
+    # the copy holds each token's row exactly once at its slot
+    ids = head.index.slot_ids.long()
+    live = ids[: 16 * 8] >= 0
+    assert torch.equal(head.index.wc[: 16 * 8][live], weight[ids[: 16 * 8][live]])
+
+
+def test_build_rejects_mismatched_weight(setup):
+    weight, assets = setup
+    with pytest.raises(ValueError, match=r"\[>= 128, 32\]"):
+        FlashHead.build(weight[:100], assets)
+    with pytest.raises(ValueError, match=r"\[>= 128, 32\]"):
+        FlashHead.build(torch.randn(128, 31), assets)
+
+
+def test_logits_candidates_in_place_and_neg_inf_elsewhere(setup):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    cand = head.candidates(h)
+    logits = head.logits(h)
+    exact = h @ weight.t()
+    for b in range(3):
+        ids = cand.ids[b][cand.ids[b] >= 0]
+        assert len(set(ids.tolist())) == len(ids)  # specials never counted twice
+        assert {2, 100} <= set(ids.tolist())  # specials always scored
+        finite = torch.isfinite(logits[b]).nonzero().flatten()
+        assert sorted(finite.tolist()) == sorted(ids.tolist())
+        torch.testing.assert_close(logits[b, ids], exact[b, ids], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(dim=1), head.tokens(h))
+
+
+def test_logits_transform_touches_candidates_only(setup):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    h = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+    plain = head.logits(h)
+
+    def softcap(x):  # tanh(-inf) would be -1: the fill must stay -inf
+        return 3.0 * torch.tanh(x / 3.0)
+
+    capped = head.logits(h, transform=softcap)
+    live = torch.isfinite(plain)
+    torch.testing.assert_close(capped[live], softcap(plain[live]))
+    assert torch.isneginf(capped[~live]).all()
+
+
+def test_logits_dense_rows_out_buffer(setup):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    h = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    out = torch.full((4, 128), 7.0)
+    dense_rows = torch.tensor([False, True, False, True])
+    res = head.logits(h, dense_rows=dense_rows, out=out, transform=lambda x: x * 2)
+    assert res is out
+    torch.testing.assert_close(out[dense_rows], 2 * (h[dense_rows] @ weight.t()))
+    assert torch.isneginf(out[~dense_rows]).any(dim=1).all()
+    with pytest.raises(ValueError, match=r"out must be \[4, 128\]"):
+        head.logits(h, out=torch.empty(4, 127))
+
+
+def test_logits_sampling_rows_use_their_generator(setup):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    h = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    temp = torch.tensor([5.0, 0.0])
+
+    def run(seed):
+        gens = [torch.Generator().manual_seed(seed), None]
+        return torch.isfinite(head.logits(h, temperature=temp, generators=gens))
+
+    assert torch.equal(run(1), run(1))
+    assert torch.equal(run(1)[1], torch.isfinite(head.logits(h))[1])  # greedy row: top-p probes
+
+
+def test_cpu_large_batches_go_dense(setup, monkeypatch):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "4")
+    h = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
+    assert head.uses_dense(4) and not head.uses_dense(3)
+    assert torch.equal(head.tokens(h), (h @ weight.t()).argmax(dim=1))  # exact dense answer
+    assert torch.isfinite(head.logits(h)).all()
+    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "0")
+    assert not head.uses_dense(1000)
+
+
+def test_bad_inputs(setup):
+    weight, assets = setup
+    head = FlashHead.build(weight, assets, backend="torch")
+    with pytest.raises(ValueError, match=r"\[B, 32\]"):
+        head.tokens(torch.randn(2, 31))
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        head.tokens(torch.randn(2, 32).double())
+    with pytest.raises(ValueError, match="temperature has 1 entries for 2 rows"):
+        head.tokens(torch.randn(2, 32), temperature=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"n_probes must be in \[1, 16\]"):
+        head.candidates(torch.randn(2, 32), n_probes=17)
+
+
+def test_dispatch_env(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cuda-magic")
+    with pytest.raises(dispatch.BackendError, match="triton, torch"):
+        dispatch.resolve_backend(None, "cpu")
+    assert "error" in dispatch.describe_backend("cpu")
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    assert dispatch.resolve_backend(None, "cpu") == "torch"
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "auto")
+    info = dispatch.describe_backend("cpu")
+    assert info["backend"] == "torch" and info["reason"] == "no CUDA device"
+    assert info["dense_min_batch"] == dispatch.cpu_dense_min_batch()
+    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "lots")
+    with pytest.raises(dispatch.BackendError, match="integer"):
+        dispatch.cpu_dense_min_batch()
+
+
+def test_dispatch_forced_triton_without_cuda(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    with pytest.raises(dispatch.BackendError, match="needs CUDA"):
+        dispatch.resolve_backend(None, "cpu")
