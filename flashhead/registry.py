@@ -34,6 +34,7 @@ __all__ = [
     "default_patchset_dir",
     "load_patchset",
     "load_patchsets",
+    "loads_patchset",
     "patchset_dir",
     "select_patchset",
 ]
