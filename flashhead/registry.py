@@ -608,7 +608,12 @@ class _Validator:
         try:
             parse_signature(value)
         except SignatureSyntaxError as exc:
-            self.problem(node, fld, str(exc))
+            self.problem(
+                node,
+                fld,
+                str(exc),
+                "write the parameter list as in the vLLM source, in parentheses, without annotations",
+            )
             return None
         return value
 
