@@ -214,9 +214,10 @@ class SourceTree:
         return found
 
     # ---- search ---------------------------------------------------------------------------
-    def find_by_tail(self, qualname: str) -> list[Definition]:
+    def find_by_tail(self, qualname: str) -> list[tuple[str, Definition]]:
         """Every definition of `Qualified.name` anywhere in the tree (the qualified tail of a
-        target), e.g. `GPUModelRunner.execute_model` in whichever module defines that class."""
+        target), e.g. `GPUModelRunner.execute_model` in whichever module defines that class, as
+        (target spelled in that module, definition) pairs."""
         head = qualname.split(".")[0]
         if "." in qualname:
             pattern = re.compile(rf"^\s*class\s+{re.escape(head)}\b", re.M)
@@ -233,7 +234,7 @@ class SourceTree:
                 continue  # only definitions, not re-exports
             found = self.resolve(f"{module}:{qualname}")
             if found is not None:
-                out.append(found)
+                out.append((f"{module}:{qualname}", found))
         return out
 
     def _text(self, path: Path) -> str:
@@ -403,6 +404,7 @@ class TargetResult:
     # The YAML field the row checks: "target", "signature", "architectures.<Base>" or
     # "requires[i]" (`patchsets new` edits that field).
     site: str = "target"
+    moved_to: str = ""  # for "moved": the target spelled at its new place
 
     @property
     def ok(self) -> bool:
@@ -482,14 +484,14 @@ def _check_target(
     found = tree.resolve(target)
     if found is None:
         module, _, qual = target.partition(":")
-        elsewhere = [d for d in tree.find_by_tail(qual) if d.location != target]
+        elsewhere = [(t, d) for t, d in tree.find_by_tail(qual) if t != target]
         if not elsewhere:
             row.status = MISSING
             row.detail = _why_missing(module, qual, tree)
             return row
-        found = elsewhere[0]
+        row.moved_to, found = elsewhere[0]
         row.status = MOVED
-        others = ", ".join(d.location for d in elsewhere)
+        others = ", ".join(t for t, _d in elsewhere)
         row.detail = f"not at {target}; defined at {others}"
     if found.inherited_from or found.location != target:
         row.location = found.location
@@ -599,6 +601,13 @@ def tree_version(tree: SourceTree) -> str | None:
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 return value.value
     return None
+
+
+def spec_text(spec) -> str:
+    """A SpecifierSet as people write it: lower bound first (">=0.29,<0.34")."""
+    return ",".join(
+        str(s) for s in sorted(spec, key=lambda s: (s.operator.startswith("<"), s.version))
+    )
 
 
 def _bounds(spec) -> tuple[Version | None, Version | None]:

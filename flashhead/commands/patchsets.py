@@ -129,9 +129,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     rows = staticcheck.check_patchset(chosen, tree)
     ranges = registry.check_ranges(patchsets)
-    ranges += staticcheck.check_coverage(
-        patchsets, OLDEST_RELEASE, max(NEWEST_RELEASE, version or NEWEST_RELEASE, key=Version)
-    )
+    # Coverage is checked over the known releases; a newer one is the triage case above.
+    ranges += staticcheck.check_coverage(patchsets, OLDEST_RELEASE, NEWEST_RELEASE)
     ok = all(r.ok for r in rows) and not ranges and not triage
 
     if args.json:
@@ -141,7 +140,7 @@ def run_check(args: argparse.Namespace) -> int:
                     "vllm_version": version,
                     "source": str(tree.root),
                     "patchset": str(chosen.path),
-                    "patchset_range": str(chosen.vllm),
+                    "patchset_range": staticcheck.spec_text(chosen.vllm),
                     "triage": triage,
                     "ok": ok,
                     "mismatches": sum(not r.ok for r in rows),
@@ -157,10 +156,12 @@ def run_check(args: argparse.Namespace) -> int:
     if triage:
         print(
             f"TRIAGE: no patchset covers vLLM {version}; nearest is {chosen.name} "
-            f"({chosen.vllm}). Each of its targets in {version}:"
+            f"({staticcheck.spec_text(chosen.vllm)}). Each of its targets in {version}:"
         )
     else:
-        print(f"patchset: {chosen.path} ({chosen.vllm}, serve: {chosen.serve})")
+        print(
+            f"patchset: {chosen.path} ({staticcheck.spec_text(chosen.vllm)}, serve: {chosen.serve})"
+        )
     print(_render_rows(rows, triage))
     bad = [r for r in rows if not r.ok]
     for r in bad:
@@ -265,13 +266,17 @@ def run_new(args: argparse.Namespace) -> int:
     print("next steps:")
     if old_range is not None:
         print(
-            f'  1. narrow {src}: line {old.vllm_line}: vllm: "{old.vllm}" -> vllm: "{old_range}"'
+            f'  1. narrow {src}: line {old.vllm_line}: vllm: "{staticcheck.spec_text(old.vllm)}" -> vllm: "{old_range}"'
             " (this command does not edit it)"
         )
     else:
-        print(f"  1. {src} ({old.vllm}) already ends before {version}; leave it as it is")
+        print(
+            f"  1. {src} ({staticcheck.spec_text(old.vllm)}) already ends before {version}; "
+            "leave it as it is"
+        )
     print(f"  2. review each marked line in {out}, update handlers, then delete the marks")
-    print(f"  3. flashhead patchsets check --vllm-version {version}")
+    where = f"--vllm-source {args.vllm_source}" if args.vllm_source else f"--vllm-version {version}"
+    print(f"  3. flashhead patchsets check {where} --patchset {out}")
     return 0
 
 
@@ -314,7 +319,11 @@ def scaffold_text(text: str, old, tree, version: str, new_range: str) -> tuple[s
         marks.append((line + 1, comment))
 
     top = {k.value: v for k, v in root.value}
-    edit(top["vllm"], new_range, f"scaffolded from {old.name} ({old.vllm}) for vLLM {version}")
+    edit(
+        top["vllm"],
+        new_range,
+        f"scaffolded from {old.name} ({staticcheck.spec_text(old.vllm)}) for vLLM {version}",
+    )
     marks.pop()  # the range line is not a review item
     for patch, pnode in zip(old.patches, top["patches"].value):
         fields = {k.value: v for k, v in pnode.value}
@@ -324,13 +333,18 @@ def scaffold_text(text: str, old, tree, version: str, new_range: str) -> tuple[s
             node = _site_node(fields, row.site)
             if node is None:
                 continue
-            if row.status == staticcheck.CHANGED and row.found and row.site != "target":
-                edit(node, row.found, f"CHANGED in {version}: was {row.expected}")
-            elif row.status == staticcheck.MOVED and row.site == "target":
-                edit(node, row.location or None, f"MOVED in {version}: {row.detail}")
-            elif row.status == staticcheck.MOVED and row.found:
-                edit(node, row.found, f"MOVED in {version}: {row.detail}; was {row.expected}")
-            else:
+            if row.status == staticcheck.MOVED and row.site in ("target", "signature"):
+                new_target = row.moved_to
+                if patch.signature_of or row.target.endswith(".__init__"):
+                    new_target = new_target.rsplit(".", 1)[0]
+                edit(fields["target"], new_target, f"MOVED in {version}: was {patch.target}")
+            elif row.status == staticcheck.MOVED and row.site.startswith("requires["):
+                req = _site_node(fields, row.site, want="target")
+                edit(req, row.moved_to, f"MOVED in {version}: was {row.target}")
+            if row.found and row.expected and staticcheck._compare(row.expected, row.found):
+                if row.site != "target":
+                    edit(node, row.found, f"CHANGED in {version}: was {row.expected}")
+            elif row.status not in (staticcheck.MOVED, staticcheck.CHANGED):
                 edit(node, None, f"{row.status.upper()} in {version}: {row.target}: {row.detail}")
     out = []
     for i, line in enumerate(lines):
@@ -345,7 +359,7 @@ def scaffold_text(text: str, old, tree, version: str, new_range: str) -> tuple[s
     return "".join(out), marks
 
 
-def _site_node(fields: dict, site: str):
+def _site_node(fields: dict, site: str, want: str = "signature"):
     """The YAML scalar node a check row refers to (see TargetResult.site)."""
     if site.startswith("architectures."):
         arch = fields.get("architectures")
@@ -360,7 +374,7 @@ def _site_node(fields: dict, site: str):
         if index >= len(reqs):
             return None
         rfields = {k.value: v for k, v in reqs[index].value}
-        return rfields.get("signature") or rfields.get("target")
+        return rfields.get(want) or rfields.get("target")
     if site == "kind":
         return fields.get("kind")
     return fields.get(site) or fields.get("target")
