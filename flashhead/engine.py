@@ -620,11 +620,29 @@ def _check_signature(target: str, declared_text: str, live_obj: Any) -> None:
         )
 
 
+def _is_declared_field(target: str) -> bool:
+    """``Class.name`` is an annotated field without a class-level value (dataclass fields)."""
+    module_name, _, qualname = target.partition(":")
+    owner_path, _, attr = qualname.rpartition(".")
+    if not owner_path:
+        return False
+    obj: Any = sys.modules.get(module_name)
+    for part in owner_path.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        return False
+    if attr in getattr(obj, "__dataclass_fields__", {}):
+        return True
+    return any(attr in vars(klass).get("__annotations__", {}) for klass in obj.__mro__)
+
+
 def _check_requirement(req: Requirement) -> None:
     _import(req.module)
     try:
         owner, attr, raw, _own = resolve_static(req.target)
     except PatchFailure as exc:
+        if req.signature is None and _is_declared_field(req.target):
+            return  # an instance field declared on the class: it exists, nothing to call
         raise PatchFailure("missing-target", f"requires {req.target}: {exc.reason}") from None
     if req.signature is not None:
         target = getattr(owner, attr)

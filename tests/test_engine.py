@@ -518,3 +518,34 @@ def test_record_skipped_only_accepts_skip_statuses(core):
     with pytest.raises(ValueError):
         engine.record_skipped(ADD, set_id="s", status="applied", reason="")
     assert core.add(1) == 2
+
+
+def test_requires_accepts_declared_instance_fields(core):
+    engine = PatchEngine()
+    fields = (
+        Requirement("fakelib.core:Batch.num_reqs"),
+        Requirement("fakelib.core:Batch.req_ids"),
+        Requirement("fakelib.core:Annotated.size"),
+    )
+    [rec] = engine.apply(
+        [spec("a", "fakelib.core:add", f"{H}:plus_one", "(a, b=1)", requires=fields)],
+        set_id="s",
+        enabled=on,
+    )
+    assert rec.status == "applied", rec.reason
+    engine.unpatch()
+    gone = (Requirement("fakelib.core:Batch.num_requests"),)
+    [rec] = engine.apply(
+        [spec("a", "fakelib.core:add", f"{H}:plus_one", "(a, b=1)", requires=gone)],
+        set_id="s",
+        enabled=on,
+    )
+    assert rec.status == "missing-target" and "num_requests" in rec.reason
+    # A field has no signature: declaring one is a mismatch in what the patch expects.
+    called = (Requirement("fakelib.core:Batch.num_reqs", "(self)"),)
+    [rec] = engine.apply(
+        [spec("a", "fakelib.core:add", f"{H}:plus_one", "(a, b=1)", requires=called)],
+        set_id="s",
+        enabled=on,
+    )
+    assert rec.status == "missing-target"

@@ -1,0 +1,255 @@
+"""``flashhead doctor``: what FlashHead would do in this environment, and why.
+
+It runs the same registry and engine code as ``vllm serve`` does through the plugin, in its own
+process, with ``force_import=True`` (every target module is imported, so nothing stays
+"pending"), as a process that hosts every role (api, engine, worker); then it undoes the patches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flashhead.compat.process import ProcessInfo
+from flashhead.engine import PatchEngine
+from flashhead.plugin import Activation, activate
+
+__all__ = ["build_report", "format_report", "run_doctor"]
+
+
+def _default_runner(act: Activation) -> dict[str, Any]:
+    """Which model runner the installed vLLM picks by default, and FlashHead's support for it."""
+    support = dict(act.patchset.support) if act.patchset is not None else {}
+    out: dict[str, Any] = {"default": "unknown", "why": "", "support": support}
+    if not act.vllm.present:
+        out["why"] = "vLLM not installed"
+        return out
+    release = act.vllm.release_for_matching
+    explicit = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    has_v2 = _module_exists("vllm.v1.worker.gpu.model_runner")
+    if explicit in ("1", "true"):
+        out["default"], out["why"] = "V2", "VLLM_USE_V2_MODEL_RUNNER=1"
+    elif explicit in ("0", "false"):
+        out["default"], out["why"] = "V1", "VLLM_USE_V2_MODEL_RUNNER=0"
+    elif not has_v2:
+        out["default"], out["why"] = "V1", "this vLLM has no Model Runner V2"
+    elif not _vllm_has_triton():
+        out["default"], out["why"] = (
+            "V1",
+            "vLLM disables Triton here (no Triton CPU backend / no GPU); V2 needs it",
+        )
+    elif release is not None and release.release >= (0, 29):
+        out["default"], out["why"] = (
+            "V2",
+            "default since 0.29 for models without unsupported features",
+        )
+    elif release is not None and release.release >= (0, 22, 1):
+        out["default"], out["why"] = "V1 or V2", "0.22.1-0.28 use V2 for some architectures only"
+    else:
+        out["default"], out["why"] = "V1", "V2 is opt-in (VLLM_USE_V2_MODEL_RUNNER=1) before 0.22.1"
+    key = {"V1": "v1_runner", "V2": "v2_runner"}.get(out["default"])
+    out["flashhead"] = support.get(key, "unknown") if key else "see support"
+    return out
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _vllm_has_triton() -> bool:
+    try:
+        from vllm.triton_utils.importing import HAS_TRITON
+    except Exception:
+        return False
+    return bool(HAS_TRITON)
+
+
+def _kernel_backend() -> Any:
+    try:
+        from flashhead.kernels.dispatch import describe_backend
+    except Exception:
+        return "unknown"
+    try:
+        return describe_backend()
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def _check_model(model_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": str(model_dir), "valid": False}
+    try:
+        from flashhead.assets import load_assets
+    except Exception as exc:
+        out["error"] = f"flashhead.assets unavailable: {type(exc).__name__}: {exc}"
+        return out
+    try:
+        assets = load_assets(model_dir)
+    except Exception as exc:
+        out["error"] = str(exc)
+        return out
+    out["valid"] = True
+    centroids = getattr(assets, "centroids", None)
+    assignments = getattr(assets, "assignments", None)
+    out["n_clusters"] = int(centroids.shape[0]) if centroids is not None else None
+    out["vocab_size"] = int(assignments.shape[0]) if assignments is not None else None
+    out["n_probes"] = getattr(assets, "n_probes", None)
+    out["cache_dir"] = str(getattr(assets, "cache_dir", ""))
+    return out
+
+
+def build_report(model_dir: str | None = None, *, directory: Path | None = None) -> dict[str, Any]:
+    engine = PatchEngine(kinds=_vllm_kinds())
+    process = ProcessInfo("main", "flashhead doctor", os.getpid())
+    # The report shows every outcome; the engine's own warnings would only repeat them.
+    log = logging.getLogger("flashhead")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        act = activate(engine, process=process, force_import=True, directory=directory)
+        records = [r.as_dict() for r in act.records]
+    finally:
+        engine.unpatch()
+        log.setLevel(level)
+    v = act.vllm
+    ps = act.patchset
+    report: dict[str, Any] = {
+        "flashhead_version": act.flashhead_version,
+        "vllm": {
+            "version": v.raw,
+            "source": v.source,
+            "release_for_matching": str(v.release_for_matching) if v.release_for_matching else None,
+            "note": v.note or v.error,
+        },
+        "enabled": act.env_enabled,
+        "patchset_dir": str(act.patchset_dir),
+        "patchset": None
+        if ps is None
+        else {
+            "name": ps.name,
+            "path": str(ps.path),
+            "vllm": str(ps.vllm),
+            "description": ps.description,
+            "serve": ps.serve,
+            "reason": ps.reason,
+            "support": dict(ps.support),
+        },
+        "note": act.note,
+        "problems": list(act.problems),
+        "patches": records,
+        "runner": _default_runner(act),
+        "kernel_backend": _kernel_backend(),
+    }
+    if model_dir is not None:
+        report["model"] = _check_model(model_dir)
+    failed_required = [r["id"] for r in records if r["required"] and r["status"] != "applied"]
+    report["required_failed"] = failed_required
+    ok = ps is not None and not failed_required
+    if model_dir is not None and not report["model"]["valid"]:
+        ok = False
+    report["ok"] = ok
+    return report
+
+
+def _vllm_kinds() -> dict:
+    from flashhead.vllm_kinds import vllm_kinds
+
+    return vllm_kinds()
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r).rstrip() for r in rows]
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    v = report["vllm"]
+    lines = [f"flashhead {report['flashhead_version']}"]
+    if v["version"]:
+        lines.append(
+            f"vLLM:        {v['version']} (from {v['source']}), matched as {v['release_for_matching']}"
+        )
+    else:
+        lines.append(f"vLLM:        not found ({v['source']})")
+    if v["note"]:
+        lines.append(f"             {v['note']}")
+    lines.append(f"enabled:     {'yes' if report['enabled'] else 'no (FLASHHEAD_ENABLED=0)'}")
+    ps = report["patchset"]
+    if ps:
+        lines.append(f"patchset:    {ps['name']} ({ps['vllm']}) {ps['path']}")
+        if ps["description"]:
+            lines.append(f"             {ps['description']}")
+        lines.append(f"serve:       {ps['serve']}" + (f" ({ps['reason']})" if ps["reason"] else ""))
+    else:
+        lines.append(f"patchset:    none in {report['patchset_dir']}")
+    if report["note"]:
+        lines.append(f"note:        {report['note']}")
+    runner = report["runner"]
+    lines.append(
+        f"runner:      {runner['default']} by default ({runner['why']}); FlashHead on it: {runner.get('flashhead', 'unknown')}"
+    )
+    if runner["support"]:
+        lines.append(
+            "support:     " + ", ".join(f"{k}={val}" for k, val in runner["support"].items())
+        )
+    kb = report["kernel_backend"]
+    if isinstance(kb, dict):
+        backend = kb.get("backend") or "none"
+        detail = kb.get("reason") or kb.get("error") or ""
+        lines.append(
+            f"kernels:     {backend} on {kb.get('device')}" + (f" ({detail})" if detail else "")
+        )
+    else:
+        lines.append(f"kernels:     {kb}")
+    if "model" in report:
+        m = report["model"]
+        if m["valid"]:
+            lines.append(
+                f"model:       {m['path']}: valid FlashHead model "
+                f"({m.get('n_clusters')} clusters, vocab {m.get('vocab_size')}, {m.get('n_probes')} probes)"
+            )
+        else:
+            lines.append(f"model:       {m['path']}: NOT a valid FlashHead model: {m.get('error')}")
+    lines.append("")
+    rows = [
+        [
+            p["id"],
+            p["target"],
+            p["kind"],
+            p["status"] + ("" if p["required"] else " (optional)"),
+            p["reason"],
+        ]
+        for p in report["patches"]
+    ]
+    lines += _table(rows, ["id", "target", "kind", "status", "reason"])
+    if report["problems"]:
+        lines.append("")
+        lines.append("patchset problems:")
+        lines += [f"  {p}" for p in report["problems"]]
+    lines.append("")
+    if report["ok"]:
+        lines.append("OK: every required patch applies")
+    elif report["required_failed"]:
+        lines.append("FAIL: required patches do not apply: " + ", ".join(report["required_failed"]))
+    elif report["patchset"] is None:
+        lines.append("FAIL: no patchset for this vLLM")
+    else:
+        lines.append("FAIL: the model is not a valid FlashHead model")
+    return "\n".join(lines)
+
+
+def run_doctor(*, as_json: bool = False, model_dir: str | None = None) -> int:
+    report = build_report(model_dir)
+    print(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    return 0 if report["ok"] else 1
