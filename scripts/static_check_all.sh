@@ -7,7 +7,12 @@
 # support table reads (default patchsets/support.json; run-time results already in it are kept)
 # and exits 1 when any release has a mismatch or a range problem, 2 when a check could not run.
 #
+# With --runtime PY (repeatable; a venv's python with vLLM and flashhead installed) it also runs
+# `flashhead doctor --json` there: the patch engine against that installed vLLM, recorded as the
+# run-time check of its release.
+#
 # usage: scripts/static_check_all.sh [--results FILE] [--jobs N] [--releases "X Y ..."]
+#                                    [--runtime PY]...
 # env:   PYTHON (default: python3 on PATH), FLASHHEAD_CACHE, JOBS (default 6)
 set -euo pipefail
 
@@ -16,13 +21,15 @@ python="${PYTHON:-python3}"
 results="$repo/patchsets/support.json"
 jobs="${JOBS:-6}"
 releases=""
+runtimes=()
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --results) results="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --releases) releases="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --runtime) runtimes+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "static_check_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,9 +55,17 @@ printf '%s\n' $releases | xargs -P "$jobs" -I{} sh -c '
   echo $? >"$out/$1.rc"
 ' _ {}
 
+# Run-time checks, one venv at a time (each imports vLLM: memory-heavy).
+i=0
+for rt in "${runtimes[@]+"${runtimes[@]}"}"; do
+  i=$((i + 1))
+  HF_HUB_OFFLINE=1 timeout 600 "$rt" -m flashhead.cli doctor --json \
+    >"$out/runtime-$i.json" 2>"$out/runtime-$i.err" || true
+done
+
 rc=0
 "$python" - "$out" "$results" $releases <<'EOF' || rc=$?
-import json, sys
+import json, re, sys
 from pathlib import Path
 from flashhead.support_table import load_results, write_results
 
@@ -82,6 +97,23 @@ for v in releases:
     for p in report["range_problems"]:
         print(f"         ranges: {p}")
     if not report["ok"]:
+        worst = max(worst, 1)
+for rt in sorted(out.glob("runtime-*.json")):
+    try:
+        # vLLM may log to stdout before the report: the JSON starts at a line "{".
+        text = rt.read_text()
+        doc = json.loads(text[re.search(r"^\{$", text, re.M).start():])
+        release = doc["vllm"]["release_for_matching"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        err = rt.with_suffix(".err").read_text().strip().splitlines()
+        print(f"runtime  ERROR   {err[-1] if err else 'doctor gave no JSON'}")
+        worst = max(worst, 2)
+        continue
+    failed = [p["id"] for p in doc.get("patches", []) if p.get("status") not in ("applied", "pending")]
+    status = "ok" if doc.get("ok") and not failed else f"failed: {', '.join(failed) or 'see doctor'}"
+    merged.setdefault(release, {})["runtime_check"] = status
+    print(f"{release:8} run-time {status}")
+    if status != "ok":
         worst = max(worst, 1)
 write_results(results_path, merged)
 print(f"results: {results_path}")
