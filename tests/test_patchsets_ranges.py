@@ -82,8 +82,6 @@ def test_model_runner_v2_absent_before_0_12(loaded):
 def test_readme_support_table_matches_the_yaml(loaded):
     """Regenerate with `flashhead patchsets table --write-readme README.md`."""
     results = support_table.load_results(PATCHSETS / "support.json")
-    expected = support_table.render_markdown(
-        support_table.build_rows(loaded.patchsets, results)
-    )
+    expected = support_table.render_markdown(support_table.build_rows(loaded.patchsets, results))
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert support_table.readme_block(readme).strip() == expected.strip()
