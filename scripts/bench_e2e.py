@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Decode tokens/s under `vllm serve` on this machine: FlashHead vs dense (FLASHHEAD_ENABLED=0).
+
+    python scripts/bench_e2e.py MODEL_DIR [--batch 1 8] [--tokens 128] [--repeats 3]
+                                [--compiled] [--json OUT.json]
+
+MODEL_DIR is a FlashHead model folder; the dense run serves the same folder with
+FLASHHEAD_ENABLED=0 (same weights, same process layout). The servers run one after the other.
+
+Decode rate: each measurement sends B concurrent greedy requests (ignore_eos) twice, with a
+short and a long max_tokens; rate = B * (long - short) / (t_long - t_short), which cancels
+prefill, HTTP and scheduling overhead. The median of --repeats is reported, with the load
+average at the start and end so that a busy machine shows in the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from e2e._server import VllmServer, run_concurrently  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator works.",
+    "List some fun things to do on a rainy day:",
+    "def quicksort(xs):",
+    "The history of the printing press",
+    "Describe the water cycle.",
+    "Once upon a time,",
+]
+SHORT = 16
+
+
+def timed_batch(server: VllmServer, batch: int, max_tokens: int) -> float:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    t0 = time.perf_counter()
+    out = run_concurrently(
+        [
+            lambda p=p: server.complete(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            for p in prompts
+        ]
+    )
+    dt = time.perf_counter() - t0
+    for r in out:
+        n = len(r["choices"][0]["token_ids"])
+        if n != max_tokens:
+            raise RuntimeError(f"asked for {max_tokens} tokens, got {n}")
+    return dt
+
+
+def measure(server: VllmServer, batches: list[int], tokens: int, repeats: int) -> dict:
+    timed_batch(server, max(batches), SHORT)  # warm-up
+    res = {}
+    for b in batches:
+        rates = []
+        for _ in range(repeats):
+            t_short = timed_batch(server, b, SHORT)
+            t_long = timed_batch(server, b, tokens)
+            rates.append(b * (tokens - SHORT) / max(t_long - t_short, 1e-9))
+        res[b] = {"decode_tok_s": statistics.median(rates), "all": rates}
+    return res
+
+
+def run_one(model: Path, label: str, env: dict, args, log_dir: Path) -> dict:
+    server = VllmServer(model, log_dir / f"bench-{label}.log", env=env)
+    if args.compiled:
+        server.args = [a for a in server.args if a != "--enforce-eager"]
+    load0 = os.getloadavg()[0]
+    server.start()
+    try:
+        server.wait_ready()
+        res = measure(server, args.batch, args.tokens, args.repeats)
+        if label == "flashhead" and "FlashHead: serving decode steps of" not in server.log():
+            raise RuntimeError(f"FlashHead did not serve decode steps; see {server.log_path}")
+    finally:
+        server.stop()
+    return {"results": res, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compiled", action="store_true", help="torch.compile (default: eager)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    args = ap.parse_args()
+    cfg_file = args.model / "config.json"
+    if not cfg_file.exists():
+        ap.error(
+            f"{cfg_file}: not found (pass a FlashHead model folder, e.g. from `flashhead convert`)"
+        )
+    if "flash_head_cache_dir" not in json.loads(cfg_file.read_text()):
+        ap.error(
+            f"{cfg_file}: no flash_head_cache_dir (not a FlashHead model; run `flashhead convert`)"
+        )
+    if args.tokens <= SHORT:
+        ap.error(f"--tokens must be > {SHORT}")
+
+    runs = {
+        "flashhead": run_one(args.model, "flashhead", {}, args, args.log_dir),
+        "dense": run_one(args.model, "dense", {"FLASHHEAD_ENABLED": "0"}, args, args.log_dir),
+    }
+    print(
+        f"\nmodel {args.model} ({'compiled' if args.compiled else 'eager'}), "
+        f"decode tokens/s (median of {args.repeats})"
+    )
+    print(f"{'batch':>5} {'flashhead':>10} {'dense':>10} {'ratio':>7}")
+    summary = {}
+    for b in args.batch:
+        fh = runs["flashhead"]["results"][b]["decode_tok_s"]
+        dn = runs["dense"]["results"][b]["decode_tok_s"]
+        summary[b] = {"flashhead": fh, "dense": dn, "ratio": fh / dn}
+        print(f"{b:>5} {fh:>10.1f} {dn:>10.1f} {fh / dn:>6.2f}x")
+    for label, r in runs.items():
+        print(f"load average during {label}: {r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"model": str(args.model), "summary": summary, "runs": runs}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

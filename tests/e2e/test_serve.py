@@ -1,0 +1,223 @@
+"""`vllm serve` with FlashHead models, end to end (V1 model runner, CPU).
+
+Servers are shared: a dense reference (FLASHHEAD_ENABLED=0 on the same FlashHead folder) for the
+module, a FlashHead server at the default probes for the first class, an all-clusters FlashHead
+server next to a second FlashHead model (a tiny Llama) for the second. At most three run at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2e._models import with_probes
+from e2e._server import VllmServer, run_concurrently, start_all
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+
+SERVING_LINE = "FlashHead: serving decode steps of"
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea:",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Q: What is 12 times 7?\nA:",
+    "Once upon a time, in a small village,",
+    "The best way to learn a new language is",
+    "List three uses of copper:",
+]
+LONG_PROMPT = " ".join(
+    ["The history of the city goes back many centuries, and its people tell stories of it."] * 22
+)
+
+
+@pytest.fixture(scope="module")
+def dense_server(smollm2_fh, e2e_logs):
+    server = VllmServer(smollm2_fh, e2e_logs / "dense.log", env={"FLASHHEAD_ENABLED": "0"})
+    server.start()
+    yield server
+    server.stop()
+
+
+def _vocab(model_dir) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+class TestDefaultProbes:
+    @pytest.fixture(scope="class")
+    def servers(self, smollm2_fh, dense_server, e2e_logs):
+        fh = VllmServer(smollm2_fh, e2e_logs / "flashhead.log", served_name="smollm2-fh")
+        fh.start()
+        try:  # both start side by side: the dense server has been starting meanwhile
+            dense_server.wait_ready()
+            fh.wait_ready()
+            yield fh, dense_server
+        finally:
+            fh.stop()
+
+    def test_flashhead_serves_decode_steps(self, servers):
+        fh, dense = servers
+        fh.complete(PROMPTS[0], max_tokens=4, temperature=0.0)
+        dense.complete(PROMPTS[0], max_tokens=4, temperature=0.0)
+        assert SERVING_LINE in fh.log(), fh.tail()
+        # FLASHHEAD_ENABLED=0: the plugin still loads the FlashHead architecture, serves dense.
+        assert "flashhead" in dense.log() and SERVING_LINE not in dense.log(), dense.tail()
+
+    def test_greedy_agreement_at_default_probes(self, servers, smollm2_fh):
+        fh, dense = servers
+        n_tokens = 32
+        got = fh.greedy_ids(PROMPTS, n_tokens)
+        ref = dense.greedy_ids(PROMPTS, n_tokens)
+        prefix = []
+        for a, b in zip(got, ref):
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            prefix.append(k)
+        same_tokens = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b))
+        cfg = json.loads((smollm2_fh / "config.json").read_text())
+        print(
+            f"\nSmolLM2 greedy agreement at n_probes={cfg['n_probes']}/{cfg['n_clusters']}: "
+            f"first token {sum(p > 0 for p in prefix)}/{len(PROMPTS)}, "
+            f"identical completions {sum(p == n_tokens for p in prefix)}/{len(PROMPTS)}, "
+            f"mean common prefix {sum(prefix) / len(prefix):.1f}/{n_tokens} tokens, "
+            f"position-wise {same_tokens}/{n_tokens * len(PROMPTS)}"
+        )
+        # The retrieval must find the dense argmax on most first steps of a real model.
+        assert sum(p > 0 for p in prefix) >= len(PROMPTS) // 2
+
+    def test_logprobs_requests_are_served_dense(self, servers):
+        fh, dense = servers
+        for prompt in PROMPTS[:3]:
+            a = fh.complete(prompt, max_tokens=6, temperature=0.0, logprobs=3)["choices"][0]
+            b = dense.complete(prompt, max_tokens=6, temperature=0.0, logprobs=3)["choices"][0]
+            assert a["token_ids"] == b["token_ids"]
+            for la, lb in zip(a["logprobs"]["top_logprobs"], b["logprobs"]["top_logprobs"]):
+                assert la.keys() == lb.keys()
+                for tok in la:
+                    assert la[tok] == pytest.approx(lb[tok], abs=2e-3)
+
+    def test_mixed_load_32_concurrent(self, servers, smollm2_fh):
+        fh, _ = servers
+        vocab = _vocab(smollm2_fh)
+        seeded = dict(temperature=0.8, top_p=0.9, top_k=40)
+        calls, checks = [], []
+
+        def add(kind, fn):
+            calls.append(fn)
+            checks.append(kind)
+
+        for p in PROMPTS:
+            add("greedy", lambda p=p: fh.complete(p, max_tokens=16, temperature=0.0))
+        for i in range(6):
+            add(
+                "seeded",
+                lambda i=i: fh.complete(PROMPTS[i], max_tokens=16, seed=100 + i, **seeded),
+            )
+        for i in range(4):
+            add(
+                "penalties",
+                lambda i=i: fh.complete(
+                    PROMPTS[i],
+                    max_tokens=16,
+                    temperature=0.9,
+                    min_p=0.05,
+                    presence_penalty=0.5,
+                    frequency_penalty=0.3,
+                    repetition_penalty=1.1,
+                ),
+            )
+        for i in range(4):
+            add("logprobs", lambda i=i: fh.complete(PROMPTS[i], max_tokens=8, logprobs=2))
+        for i in range(3):
+            add(
+                "stop",
+                lambda i=i: fh.complete(
+                    PROMPTS[4 + i], max_tokens=32, temperature=0.0, stop=["\n", "."]
+                ),
+            )
+        for i in range(3):
+            add("one", lambda i=i: fh.complete(PROMPTS[i], max_tokens=1, temperature=0.7))
+        for i in range(2):
+            add(
+                "long",
+                lambda i=i: fh.complete(f"{LONG_PROMPT} ({i})", max_tokens=8, temperature=0.0),
+            )
+        for i in range(2):
+            add(
+                "chat",
+                lambda i=i: fh.post(
+                    "/v1/chat/completions",
+                    {
+                        "messages": [{"role": "user", "content": PROMPTS[i]}],
+                        "max_tokens": 16,
+                        "temperature": 0.0,
+                    },
+                ),
+            )
+        assert len(calls) == 32
+        results = run_concurrently(calls)
+
+        for kind, res in zip(checks, results):
+            choice = res["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length"), (kind, choice)
+            if kind == "chat":
+                assert isinstance(choice["message"]["content"], str)
+                assert choice["message"]["content"].strip(), (kind, choice)
+                continue
+            ids = choice["token_ids"]
+            assert ids and all(0 <= t < vocab for t in ids), (kind, ids)
+            assert isinstance(choice["text"], str)
+            if kind == "one":
+                assert len(ids) == 1
+            if kind == "logprobs":
+                assert len(choice["logprobs"]["top_logprobs"]) == len(ids)
+            if kind == "stop":
+                assert "\n" not in choice["text"] and "." not in choice["text"], choice
+
+        # Seeded requests repeat exactly, in a different batch mix.
+        first = [r["choices"][0]["token_ids"] for k, r in zip(checks, results) if k == "seeded"]
+        again = run_concurrently(
+            [
+                lambda i=i: fh.complete(PROMPTS[i], max_tokens=16, seed=100 + i, **seeded)
+                for i in range(6)
+            ]
+            + [lambda p=p: fh.complete(p, max_tokens=8, temperature=0.0) for p in PROMPTS[:3]]
+        )
+        assert [r["choices"][0]["token_ids"] for r in again[:6]] == first
+
+
+class TestTwoServers:
+    @pytest.fixture(scope="class")
+    def servers(self, smollm2_fh, tiny_models, dense_server, e2e_logs, tmp_path_factory):
+        all_probes = with_probes(smollm2_fh, tmp_path_factory.mktemp("m") / "smollm2-all", None)
+        a = VllmServer(all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all")
+        b = VllmServer(tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama")
+        start_all([a, b])
+        dense_server.wait_ready()
+        yield a, b, dense_server
+        a.stop()
+        b.stop()
+
+    def test_all_clusters_greedy_equals_dense(self, servers):
+        all_probes, _, dense = servers
+        got = all_probes.greedy_ids(PROMPTS, 32)
+        ref = dense.greedy_ids(PROMPTS, 32)
+        assert got == ref
+        assert SERVING_LINE in all_probes.log()
+
+    def test_each_server_answers_with_its_own_model(self, servers, tiny_models):
+        smol, tiny, dense = servers
+        prompts = PROMPTS[:4]
+        results = run_concurrently(
+            [lambda p=p: smol.greedy_ids([p], 12)[0] for p in prompts]
+            + [lambda p=p: tiny.greedy_ids([p], 12)[0] for p in prompts]
+        )
+        smol_ids, tiny_ids = results[:4], results[4:]
+        assert smol_ids == dense.greedy_ids(prompts, 12)
+        assert tiny_ids == tiny.greedy_ids(prompts, 12)  # deterministic on its own
+        assert tiny_ids != smol_ids
+        assert all(t < _vocab(tiny_models["llama-fh"]) for ids in tiny_ids for t in ids)
+        assert f"{SERVING_LINE} {smol.model}" in smol.log()
+        assert f"{SERVING_LINE} {tiny.model}" in tiny.log()
