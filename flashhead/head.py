@@ -161,8 +161,16 @@ class FlashHead:
             for t in (i.wc, i.slot_ids, i.slot_home, i.cent_q, i.cent_scale)
         )
 
+    @property
+    def candidate_rows(self) -> int:
+        """Candidate slots scored per row (probed clusters + special-token clusters) x s."""
+        return (self.n_probes + self.index.n_special_clusters) * self.cluster_size
+
     def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
-        return dispatch.prefer_dense(self.backend, device or self.weight.device, n_rows)
+        """True when the dispatcher serves this batch with the dense head (faster there)."""
+        return dispatch.prefer_dense(
+            self.backend, device or self.weight.device, n_rows, self.candidate_rows, self.vocab_size
+        )
 
     # -- the two stages -------------------------------------------------------------------
     def _probes(self, h, n_probes, inv_t, generators, temperature) -> torch.Tensor:
@@ -278,13 +286,13 @@ class FlashHead:
         return out
 
     def _dense_tokens(self, h, temperature, generators) -> torch.Tensor:
-        logits = torch.nn.functional.linear(h, self.weight).float()
-        inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
+        logits = torch.nn.functional.linear(h, self.weight)
         noise = draw_gumbel(h.shape[0], self.vocab_size, temperature, generators, h.device)
-        if noise is not None:
-            sampled = (inv_t > 0).unsqueeze(1)
-            logits = torch.where(sampled, logits * inv_t.unsqueeze(1) + noise, logits)
-        return logits.argmax(dim=1)
+        if noise is None:
+            return logits.argmax(dim=1)  # in the head dtype, exactly what the dense head does
+        inv_t = _inverse_temperature(temperature, h.shape[0], h.device).unsqueeze(1)
+        logits = logits.float()
+        return torch.where(inv_t > 0, logits * inv_t + noise, logits).argmax(dim=1)
 
     def describe(self) -> dict:
         return {

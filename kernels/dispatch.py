@@ -1,9 +1,10 @@
 """Backend choice for the FlashHead core: `FLASHHEAD_BACKEND=triton|torch|auto` (default auto).
 
 auto = Triton for CUDA tensors when Triton imports, torch otherwise. The torch backend on CPU
-also hands large batches to the dense head (`F.linear`): per-row FlashHead reads p*s rows per
-row, so past `FLASHHEAD_CPU_DENSE_MIN_BATCH` rows (default 12, measured with `flashhead bench`
-on 1 thread at the Llama-3.2 shape) the dense GEMM, which reads the head once for all rows, wins.
+hands large batches to the dense head (`F.linear`): per-row FlashHead scores K = (p + special
+clusters) * s rows per row, so once B * K >= 2 * V (B >= 63 at the Llama-3.2 shape) the dense
+GEMM, which reads the head once for all rows, is expected to win. `FLASHHEAD_CPU_DENSE_MIN_BATCH`
+overrides the rule with a fixed batch size (0 = never dense).
 `describe_backend()` reports all of this (the doctor shows it).
 """
 
@@ -19,7 +20,10 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 ENV_BACKEND = "FLASHHEAD_BACKEND"
 ENV_DENSE_MIN_BATCH = "FLASHHEAD_CPU_DENSE_MIN_BATCH"
-DEFAULT_CPU_DENSE_MIN_BATCH = 12
+# The dense GEMM reads the head once for all rows but does B x V row-dots; FlashHead reads and
+# scores B x K candidate rows. On 1-2 CPU threads a bf16 GEMM row-dot costs about as much as a
+# FlashHead row read, so dense wins once FlashHead scores about two heads' worth of rows.
+DENSE_ROW_FACTOR = 2
 
 
 class BackendError(ValueError):
@@ -73,10 +77,11 @@ def resolve_backend(explicit: str | None, device: torch.device | str | None) -> 
     return "triton" if ok and dev.type == "cuda" else "torch"
 
 
-def cpu_dense_min_batch() -> int:
+def cpu_dense_min_batch() -> int | None:
+    """The FLASHHEAD_CPU_DENSE_MIN_BATCH override (0 = never dense), or None for the rule."""
     raw = os.environ.get(ENV_DENSE_MIN_BATCH)
-    if raw is None:
-        return DEFAULT_CPU_DENSE_MIN_BATCH
+    if raw is None or raw.strip() == "":
+        return None
     try:
         value = int(raw)
     except ValueError as exc:
@@ -86,12 +91,24 @@ def cpu_dense_min_batch() -> int:
     return value
 
 
-def prefer_dense(backend: str, device: torch.device | str, n_rows: int) -> bool:
-    """True where the dense head is faster than FlashHead (large batches on CPU)."""
+def prefer_dense(
+    backend: str,
+    device: torch.device | str,
+    n_rows: int,
+    candidate_rows: int | None = None,
+    vocab: int | None = None,
+) -> bool:
+    """True where the dense head beats FlashHead: only the torch backend on CPU, when the
+    rows FlashHead scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR
+    heads (`vocab` rows each), or past the FLASHHEAD_CPU_DENSE_MIN_BATCH override."""
     if torch.device(device).type != "cpu" or backend != "torch":
         return False
     limit = cpu_dense_min_batch()
-    return limit > 0 and n_rows >= limit
+    if limit is not None:
+        return limit > 0 and n_rows >= limit
+    if candidate_rows is None or vocab is None:
+        return False
+    return n_rows * candidate_rows >= DENSE_ROW_FACTOR * vocab
 
 
 def backend_ops(backend: str) -> Any:
@@ -146,9 +163,20 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
     if dev.type == "cpu" and backend == "torch":
         limit = cpu_dense_min_batch()
         report["dense_min_batch"] = limit
-        report["dense_fallback"] = (
-            f"batches of {limit}+ rows use the dense head (faster on CPU)" if limit > 0 else "never"
-        )
+        if limit is None:
+            report["dense_fallback"] = (
+                f"batches where B x K >= {DENSE_ROW_FACTOR} x V use the dense head "
+                f"(K = candidate rows per row; {ENV_DENSE_MIN_BATCH} overrides)"
+            )
+        else:
+            report["dense_fallback"] = (
+                f"batches of {limit}+ rows use the dense head ({ENV_DENSE_MIN_BATCH})"
+                if limit > 0
+                else f"never ({ENV_DENSE_MIN_BATCH}=0)"
+            )
+        from flashhead.kernels.reference import cpu_compile_status
+
+        report["cpu_gather_dot"] = cpu_compile_status()
     return report
 
 

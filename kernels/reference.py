@@ -20,6 +20,7 @@ gather per call page-faults and costs more than the head itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def _perturb(
     return torch.where(sampled, scores * inv_t.unsqueeze(1) + noise, scores)
 
 
-_INT8_MM_MAX_BATCH = 4  # above this, the bf16 GEMM beats torch's int8 weight-only kernel on CPU
+_INT8_MM_MAX_BATCH = 2  # above this, the bf16 GEMM beats torch's int8 weight-only kernel on CPU
 _dequant_cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
@@ -160,12 +161,24 @@ def candidate_scores(
 def _scores_rowwise(
     h: torch.Tensor, index: ClusterIndex, probes: torch.Tensor, buffers: dict
 ) -> torch.Tensor:
-    """Per-row gather into one persistent buffer + GEMV; beats a batched gather+bmm on CPU
-    (the [B, K, d] gather alone is B x 17 MB at the Llama-3.2 shape)."""
+    """Per-row scores on CPU. Preferred: a torch.compile'd gather-dot that reads each probed
+    tile once, straight from the cluster-major copy (no gather copy; fp32 products like the
+    reference). Fallback (no compiler, or FLASHHEAD_CPU_COMPILE=0): gather into one persistent
+    buffer + GEMV per row, which beats a batched gather + bmm (that gather alone is B x 17 MB at
+    the Llama-3.2 shape, and a fresh buffer page-faults on every call)."""
     s, d = index.cluster_size, index.hidden_size
     n_rows, n_probe = probes.shape
     k = n_probe * s
     wc3 = index.wc.view(-1, s, d)
+    scores = torch.empty(n_rows, k, dtype=torch.float32)
+    fused = _compiled_gather_dot()
+    if fused is not None:
+        try:
+            for b in range(n_rows):
+                scores[b] = fused(wc3, probes[b], h[b]).view(k)
+            return scores
+        except Exception as exc:  # a compiler problem must cost speed, never the answer
+            _disable_compile(exc)
     key = ("gather", index.wc.dtype, n_probe)
     gather = buffers.get(key)
     if gather is None:
@@ -173,7 +186,6 @@ def _scores_rowwise(
     row_out = buffers.get(("row", index.wc.dtype, k))
     if row_out is None:
         row_out = buffers[("row", index.wc.dtype, k)] = torch.empty(1, k, dtype=index.wc.dtype)
-    scores = torch.empty(n_rows, k, dtype=torch.float32)
     hq = h.to(index.wc.dtype)
     flat = gather.view(k, d)
     for b in range(n_rows):
@@ -181,3 +193,45 @@ def _scores_rowwise(
         torch.mm(hq[b : b + 1], flat.t(), out=row_out)
         scores[b].copy_(row_out[0])
     return scores
+
+
+def _gather_dot(wc3: torch.Tensor, probes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """[P, s] float32 scores of the probed clusters' rows against one hidden state."""
+    return (wc3[probes].float() * h.float()).sum(-1)
+
+
+_COMPILE_STATE: dict = {}
+
+
+def _compiled_gather_dot():
+    if "fn" in _COMPILE_STATE:
+        return _COMPILE_STATE["fn"]
+    fn = None
+    if os.environ.get("FLASHHEAD_CPU_COMPILE", "1") not in ("0", "", "false"):
+        try:
+            # Static shapes: one kernel per (P, s, d, dtype), compiled on first use (~15 s).
+            fn = torch.compile(_gather_dot, dynamic=False, fullgraph=True)
+        except Exception as exc:
+            _disable_compile(exc)
+            return None
+    _COMPILE_STATE["fn"] = fn
+    return fn
+
+
+def _disable_compile(exc: BaseException) -> None:
+    import logging
+
+    _COMPILE_STATE["fn"] = None
+    _COMPILE_STATE["error"] = repr(exc)
+    logging.getLogger("flashhead").warning(
+        "flashhead: torch.compile of the CPU gather-dot failed (%r); using gather + GEMV", exc
+    )
+
+
+def cpu_compile_status() -> str:
+    """'enabled', 'disabled' (FLASHHEAD_CPU_COMPILE=0) or 'failed: <error>'."""
+    if "error" in _COMPILE_STATE:
+        return f"failed: {_COMPILE_STATE['error']}"
+    if os.environ.get("FLASHHEAD_CPU_COMPILE", "1") in ("0", "", "false"):
+        return "disabled"
+    return "enabled"

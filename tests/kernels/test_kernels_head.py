@@ -109,6 +109,11 @@ def test_cpu_large_batches_go_dense(setup, monkeypatch):
     assert torch.isfinite(head.logits(h)).all()
     monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "0")
     assert not head.uses_dense(1000)
+    # The rule: dense once B x K >= 2 V (K = (4 probes + 1 special cluster) x 8 = 40 rows).
+    monkeypatch.delenv(dispatch.ENV_DENSE_MIN_BATCH)
+    assert head.candidate_rows == 40
+    assert not head.uses_dense(6) and head.uses_dense(7)  # 7 x 40 >= 2 x 128
+    assert not head.uses_dense(7, torch.device("cuda"))  # GPU: never
 
 
 def test_bad_inputs(setup):
@@ -132,9 +137,10 @@ def test_dispatch_env(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
     assert dispatch.resolve_backend(None, "cpu") == "torch"
     monkeypatch.setenv(dispatch.ENV_BACKEND, "auto")
+    monkeypatch.delenv(dispatch.ENV_DENSE_MIN_BATCH, raising=False)
     info = dispatch.describe_backend("cpu")
     assert info["backend"] == "torch" and info["reason"] == "no CUDA device"
-    assert info["dense_min_batch"] == dispatch.cpu_dense_min_batch()
+    assert info["dense_min_batch"] is None and "B x K" in info["dense_fallback"]
     monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "lots")
     with pytest.raises(dispatch.BackendError, match="integer"):
         dispatch.cpu_dense_min_batch()
@@ -145,3 +151,24 @@ def test_dispatch_forced_triton_without_cuda(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
     with pytest.raises(dispatch.BackendError, match="needs CUDA"):
         dispatch.resolve_backend(None, "cpu")
+
+
+@pytest.mark.slow
+def test_compiled_cpu_gather_dot_matches_reference(make_assets, monkeypatch):
+    """The torch.compile'd CPU path (default outside these tests) gives the reference's tokens."""
+    from flashhead.kernels import reference
+
+    monkeypatch.setenv("FLASHHEAD_CPU_COMPILE", "1")
+    monkeypatch.setattr(reference, "_COMPILE_STATE", {})
+    weight, assets = make_assets(128, 32, 16, n_probes=4, specials=[2])
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.float32, torch.bfloat16):
+        fast = FlashHead.build(weight.to(dtype), assets, backend="torch")
+        ref = FlashHead.build(weight.to(dtype), assets, backend="reference")
+        got = fast.candidates(h.to(dtype), n_probes=16)
+        want = ref.candidates(h.to(dtype), n_probes=16)
+        assert torch.equal(got.ids, want.ids)
+        live = want.ids >= 0
+        torch.testing.assert_close(got.scores[live], want.scores[live], rtol=1e-5, atol=1e-4)
+    assert reference.cpu_compile_status() == "enabled"
+    assert reference._COMPILE_STATE["fn"] is not None
