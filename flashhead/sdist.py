@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,13 +159,17 @@ def _normalise(version: str) -> str:
 def _pip_finder(*, quiet: bool):
     """pip's own finder + session, configured exactly like `pip download` (config files, env)."""
     try:
-        from pip._internal.commands import create_command
+        with warnings.catch_warnings():
+            # setuptools' distutils shim warns when pip's import order trips it; not ours to fix.
+            warnings.simplefilter("ignore", UserWarning)
+            from pip._internal.commands import create_command
+
+            cmd = create_command("download")
     except ImportError as exc:  # pragma: no cover - pip is in every venv we support
         raise SdistError(f"pip is needed to locate vLLM releases: {exc}") from exc
     if quiet:
         # pip logs "Location ... is ignored" for file:// indexes that lack the project.
         logging.getLogger("pip._internal").setLevel(logging.ERROR)
-    cmd = create_command("download")
     options, _ = cmd.parse_args(["--no-deps", PROJECT])
     session = cmd._build_session(options)
     finder = cmd._build_package_finder(options, session, ignore_requires_python=True)
