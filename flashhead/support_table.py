@@ -9,6 +9,7 @@ The README carries the Markdown rendering between two markers; a test keeps them
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +116,10 @@ def load_results(path: Path | None) -> dict:
 def write_results(path: Path, releases: Mapping[str, Mapping]) -> None:
     """Write the results file with releases in version order (stable diffs)."""
     ordered = {v: dict(releases[v]) for v in sorted(releases, key=Version)}
-    Path(path).write_text(
-        json.dumps({"schema": RESULTS_SCHEMA, "releases": ordered}, indent=1) + "\n"
-    )
+    # Atomic: tests read this file while CI rewrites it.
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"schema": RESULTS_SCHEMA, "releases": ordered}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def build_rows(
