@@ -404,3 +404,17 @@ def test_real_triage_of_an_uncovered_release_is_fast(tmp_path, capsys):
     assert time.monotonic() - start < 60
     assert rc == 1 and "TRIAGE: no patchset covers vLLM 0.32.0" in out
     assert "unchanged" in out
+
+
+def test_version_given_with_a_source_selects_the_patchset(capsys, tmp_path):
+    common = ["check", "--vllm-source", str(FAKE), "--patchset-dir", str(FAKE_SETS)]
+    rc, out, _ = run_cli(capsys, *common, "--vllm-version", "0.36.0")
+    assert rc == 1 and "patchset: " in out and "fake-0.35.yaml (>=0.35,<0.39" in out
+    rc, out, _ = run_cli(capsys, *common, "--vllm-version", "0.20.0")
+    assert rc == 0 and "fake-0.30.yaml" in out
+    # A tree that does not say its release needs --vllm-version.
+    bare = tmp_path / "src"
+    (bare / "vllm").mkdir(parents=True)
+    (bare / "vllm" / "__init__.py").write_text("")
+    rc, _, err = run_cli(capsys, "check", "--vllm-source", str(bare))
+    assert rc == 2 and "--vllm-version" in err

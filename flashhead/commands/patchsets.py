@@ -34,9 +34,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "source code, then check the version ranges of all patchset files. Exit status 1 on "
         "any mismatch, 2 on bad input.",
     )
-    src = check.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vllm-source", metavar="DIR", help="a vLLM source tree (contains vllm/)")
-    src.add_argument(
+    check.add_argument(
+        "--vllm-source",
+        metavar="DIR",
+        help="a vLLM source tree (contains vllm/); its release is read from the tree unless "
+        "--vllm-version is given too",
+    )
+    check.add_argument(
         "--vllm-version", metavar="X", help="fetch release X's sdist (cached) and check it"
     )
     check.add_argument("--patchset", metavar="FILE", help="check this file (default: the match)")
@@ -98,10 +102,17 @@ def run_check(args: argparse.Namespace) -> int:
     from flashhead import registry, staticcheck
     from flashhead.support_table import NEWEST_RELEASE, OLDEST_RELEASE
 
+    if not args.vllm_source and not args.vllm_version:
+        return _fail("check: pass --vllm-version X (fetches the release) or --vllm-source DIR")
     try:
         tree, version = _source_tree(args.vllm_source, args.vllm_version)
     except (staticcheck.SourceTreeError, _InputError) as exc:
         return _fail(str(exc))
+    if version is None and not args.patchset:
+        return _fail(
+            f"cannot tell which vLLM release {tree.root} is (no vllm/_version.py); pass "
+            "--vllm-version X too, or --patchset FILE"
+        )
 
     loaded = registry.load_patchsets(args.patchset_dir)
     if loaded.problems:
