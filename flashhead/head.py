@@ -153,6 +153,12 @@ class FlashHead:
         return cls(weight[: assets.vocab_size], index, assets, backend)
 
     @property
+    def cluster_major_bytes(self) -> int:
+        """The cluster-major copy of the head (+ its slot ids): at most one extra head."""
+        i = self.index
+        return sum(t.numel() * t.element_size() for t in (i.wc, i.slot_ids, i.slot_home))
+
+    @property
     def extra_bytes(self) -> int:
         """Memory FlashHead adds next to the model's head (cluster-major copy + int8 centroids)."""
         i = self.index
@@ -182,7 +188,12 @@ class FlashHead:
         keys = self._ops.probe_keys(
             h, self.index.cent_q, self.index.cent_scale, inv_t if noise is not None else None, noise
         )
-        probes = keys.topk(p, dim=1, sorted=False).indices.sort(dim=1).values
+        probes = keys.topk(p, dim=1, sorted=False).indices
+        if h.device.type == "cpu":
+            # Ascending cluster order reads the cluster-major copy front to back (prefetch
+            # friendly). On the GPU the order does not matter and the sort costs a launch; both
+            # backends receive this same tensor either way.
+            probes = probes.sort(dim=1).values
         if self.index.n_special_clusters:
             probes = torch.cat([probes, self._special_probes.expand(n_rows, -1)], dim=1)
         return probes
@@ -302,6 +313,7 @@ class FlashHead:
             "cluster_size": self.cluster_size,
             "n_probes": self.n_probes,
             "n_special_tokens": len(self.special_token_ids),
+            "cluster_major_bytes": self.cluster_major_bytes,
             "extra_bytes": self.extra_bytes,
         }
 

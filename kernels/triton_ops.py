@@ -137,14 +137,34 @@ def _candidates_kernel(
         tl.atomic_max(best_ptr + b, packed, mask=low >= 0)
 
 
-def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int]:
+def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
+    """Block-size override for tuning runs, e.g. FLASHHEAD_TRITON_S1=16,32,128,4."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        values = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {count} comma-separated integers") from None
+    if len(values) != count:
+        raise ValueError(f"{name}={raw!r}: expected {count} comma-separated integers")
+    return values
+
+
+def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps) for stage 1."""
     if _interpreting():
         return (
             min(max(16, _pow2(n_rows)), 64),
             min(max(16, _pow2(c)), 1024),
             min(max(16, _pow2(d)), 512),
+            4,
         )
-    return (16 if n_rows <= 16 else 32), 64, 128
+    override = _env_blocks("FLASHHEAD_TRITON_S1", 4)
+    if override:
+        return override  # type: ignore[return-value]
+    # Small C blocks: c=8016 gives 251 programs, enough to cover 132 SMs at B=1.
+    return (16 if n_rows <= 16 else 32), 32, 128, 4
 
 
 def probe_keys(
@@ -158,7 +178,7 @@ def probe_keys(
     _check_device(h, cent_q)
     n_rows, d = h.shape
     c = cent_q.shape[0]
-    block_b, block_c, block_d = _probe_blocks(n_rows, c, d)
+    block_b, block_c, block_d, warps = _probe_blocks(n_rows, c, d)
     assert block_d >= MIN_DOT_K and block_b >= 16 and block_c >= 16, "tl.dot needs K, M, N >= 16"
     h = h.contiguous()
     out = torch.empty(n_rows, c, dtype=torch.float32, device=h.device)
@@ -169,15 +189,19 @@ def probe_keys(
     _probe_keys_kernel[grid](
         h, cent_q, cent_scale, it, nz, out,
         n_rows, c, d, h.stride(0), cent_q.stride(0), nz.stride(0), out.stride(0),
-        HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+        HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return out
 
 
-def _candidate_blocks(n_probes: int, sp: int, d: int) -> tuple[int, int]:
+def _candidate_blocks(n_probes: int, sp: int, d: int) -> tuple[int, int, int]:
+    """(clusters per program, BLOCK_D, num_warps) for stage 2."""
     if _interpreting():
-        return _pow2(n_probes), min(max(16, _pow2(d)), 512)
-    return max(1, 16 // sp), min(256, max(16, _pow2(d)))
+        return _pow2(n_probes), min(max(16, _pow2(d)), 512), 4
+    override = _env_blocks("FLASHHEAD_TRITON_S2", 3)
+    if override:
+        return override  # type: ignore[return-value]
+    return max(1, 16 // sp), min(256, max(16, _pow2(d))), 4
 
 
 def candidate_scores(
@@ -200,7 +224,7 @@ def candidate_scores(
     s = index.cluster_size
     sp = _pow2(s)
     k = n_probe * s
-    cpb, block_d = _candidate_blocks(n_probe, sp, d)
+    cpb, block_d, warps = _candidate_blocks(n_probe, sp, d)
     h = h.contiguous()
     probes = probes.contiguous()
     device = h.device
@@ -221,7 +245,7 @@ def candidate_scores(
         nz.stride(0) if has_noise else 0, scores.stride(0) if want_scores else 0,
         S=s, SP=sp, CPB=cpb, BLOCK_D=block_d, BLOCK_PR=_pow2(max(p_reg, 1)),
         HAS_SPECIAL=index.n_special_clusters > 0, HAS_NOISE=has_noise,
-        WANT_SCORES=want_scores, WANT_BEST=want_tokens,
+        WANT_SCORES=want_scores, WANT_BEST=want_tokens, num_warps=warps,
     )  # fmt: skip
     tokens = (0x7FFFFFFF - (best & 0xFFFFFFFF)) if want_tokens else None
     ids = candidate_ids(index, probes) if want_scores else None

@@ -87,10 +87,10 @@ def test_dot_blocks_respect_min_k(monkeypatch):
     """Every tl.dot launch must use K >= 16 (NVIDIA's minimum), even for tiny hidden sizes."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for n_rows, c, d in [(1, 4, 8), (3, 16, 16), (40, 8016, 2048)]:
-        block_b, block_c, block_d = triton_ops._probe_blocks(n_rows, c, d)
+        block_b, block_c, block_d, _ = triton_ops._probe_blocks(n_rows, c, d)
         assert min(block_b, block_c, block_d) >= triton_ops.MIN_DOT_K
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert min(triton_ops._probe_blocks(1, 4, 8)) >= triton_ops.MIN_DOT_K
+    assert min(triton_ops._probe_blocks(1, 4, 8)[:3]) >= triton_ops.MIN_DOT_K
 
 
 def test_refuses_cpu_tensors_without_interpreter(monkeypatch, make_assets):
