@@ -193,6 +193,8 @@ class SourceTree:
             seen.add(cur.location)
             yield cur, (None if cur is cls else cur.location)
             bases = [self._resolve_expr(cur.module, b, depth) for b in cur.node.bases]
+            # `Base = OtherClass` aliases: inherit from the class the alias names.
+            bases = [_follow_alias(b, self) if b is not None else None for b in bases]
             stack[0:0] = [(b, depth + 1) for b in bases if b is not None and b.kind == "class"]
 
     def bases(self, cls: Definition) -> list[str]:
@@ -355,7 +357,31 @@ def _class_member(cls: ast.ClassDef, name: str) -> ast.AST | None:
         elif isinstance(stmt, ast.AnnAssign):
             if isinstance(stmt.target, ast.Name) and stmt.target.id == name and found is None:
                 found = stmt
+    if found is None:
+        found = _instance_attribute(cls, name)
     return found
+
+
+def _instance_attribute(cls: ast.ClassDef, name: str) -> ast.AST | None:
+    """`self.name = ...` in one of the class's own methods (instance state set in __init__ etc.)."""
+    for stmt in cls.body:
+        if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(stmt):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            for t in targets:
+                if (
+                    isinstance(t, ast.Attribute)
+                    and t.attr == name
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                ):
+                    return node
+    return None
 
 
 def _kind(node: ast.AST, *, in_class: bool) -> str:
@@ -368,6 +394,12 @@ def _kind(node: ast.AST, *, in_class: bool) -> str:
         if decos & _PROPERTY_DECORATORS:
             return "property"
         return "method"
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+    else:
+        targets = getattr(node, "targets", [])
+    if any(isinstance(t, ast.Attribute) for t in targets):
+        return "attribute"  # self.x = ... in a method
     return "assignment"
 
 

@@ -418,3 +418,11 @@ def test_version_given_with_a_source_selects_the_patchset(capsys, tmp_path):
     (bare / "vllm" / "__init__.py").write_text("")
     rc, _, err = run_cli(capsys, "check", "--vllm-source", str(bare))
     assert rc == 2 and "--vllm-version" in err
+
+
+def test_instance_attributes_set_in_methods_resolve(tree):
+    runner = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+    for name in ("requests", "speculative_config"):
+        found = tree.resolve(f"{runner}.{name}")
+        assert found is not None and found.kind == "attribute", name
+    assert tree.resolve(f"{runner}.input_batch") is None
