@@ -51,9 +51,11 @@ def _kind_from_name(name: str) -> str | None:
 def _is_api_command(argv: list[str]) -> bool:
     if not argv:
         return False
-    prog = os.path.basename(argv[0])
-    if prog == "vllm" and len(argv) > 1 and argv[1] == "serve":
-        return True
+    prog = argv[0].replace(os.sep, "/")
+    if len(argv) > 1 and argv[1] == "serve":
+        # `vllm serve` or `python -m vllm.entrypoints.cli.main serve`
+        if os.path.basename(prog) == "vllm" or prog.endswith("vllm/entrypoints/cli/main.py"):
+            return True
     return any(
         "vllm.entrypoints.openai.api_server" in a or a.endswith("openai/api_server.py")
         for a in argv[:3]
