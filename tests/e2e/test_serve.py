@@ -44,28 +44,29 @@ def _vocab(model_dir) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
-class TestDefaultProbes:
-    @pytest.fixture(scope="class")
-    def servers(self, smollm2_fh, dense_server, e2e_logs):
-        fh = VllmServer(smollm2_fh, e2e_logs / "flashhead.log", served_name="smollm2-fh")
-        fh.start()
-        try:  # both start side by side: the dense server has been starting meanwhile
-            dense_server.wait_ready()
-            fh.wait_ready()
-            yield fh, dense_server
-        finally:
-            fh.stop()
+@pytest.fixture(scope="class")
+def default_probe_servers(smollm2_fh, dense_server, e2e_logs):
+    fh = VllmServer(smollm2_fh, e2e_logs / "flashhead.log", served_name="smollm2-fh")
+    fh.start()
+    try:  # both start side by side: the dense server has been starting meanwhile
+        dense_server.wait_ready()
+        fh.wait_ready()
+        yield fh, dense_server
+    finally:
+        fh.stop()
 
-    def test_flashhead_serves_decode_steps(self, servers):
-        fh, dense = servers
+
+class TestDefaultProbes:
+    def test_flashhead_serves_decode_steps(self, default_probe_servers):
+        fh, dense = default_probe_servers
         fh.complete(PROMPTS[0], max_tokens=4, temperature=0.0)
         dense.complete(PROMPTS[0], max_tokens=4, temperature=0.0)
         assert SERVING_LINE in fh.log(), fh.tail()
         # FLASHHEAD_ENABLED=0: the plugin still loads the FlashHead architecture, serves dense.
         assert "flashhead" in dense.log() and SERVING_LINE not in dense.log(), dense.tail()
 
-    def test_greedy_agreement_at_default_probes(self, servers, smollm2_fh):
-        fh, dense = servers
+    def test_greedy_agreement_at_default_probes(self, default_probe_servers, smollm2_fh):
+        fh, dense = default_probe_servers
         n_tokens = 32
         got = fh.greedy_ids(PROMPTS, n_tokens)
         ref = dense.greedy_ids(PROMPTS, n_tokens)
@@ -87,8 +88,8 @@ class TestDefaultProbes:
         # The retrieval must find the dense argmax on most first steps of a real model.
         assert sum(p > 0 for p in prefix) >= len(PROMPTS) // 2
 
-    def test_logprobs_requests_are_served_dense(self, servers):
-        fh, dense = servers
+    def test_logprobs_requests_are_served_dense(self, default_probe_servers):
+        fh, dense = default_probe_servers
         for prompt in PROMPTS[:3]:
             a = fh.complete(prompt, max_tokens=6, temperature=0.0, logprobs=3)["choices"][0]
             b = dense.complete(prompt, max_tokens=6, temperature=0.0, logprobs=3)["choices"][0]
@@ -98,8 +99,8 @@ class TestDefaultProbes:
                 for tok in la:
                     assert la[tok] == pytest.approx(lb[tok], abs=2e-3)
 
-    def test_mixed_load_32_concurrent(self, servers, smollm2_fh):
-        fh, _ = servers
+    def test_mixed_load_32_concurrent(self, default_probe_servers, smollm2_fh):
+        fh, _ = default_probe_servers
         vocab = _vocab(smollm2_fh)
         seeded = dict(temperature=0.8, top_p=0.9, top_k=40)
         calls, checks = [], []
@@ -188,27 +189,28 @@ class TestDefaultProbes:
         assert [r["choices"][0]["token_ids"] for r in again[:6]] == first
 
 
-class TestTwoServers:
-    @pytest.fixture(scope="class")
-    def servers(self, smollm2_fh, tiny_models, dense_server, e2e_logs, tmp_path_factory):
-        all_probes = with_probes(smollm2_fh, tmp_path_factory.mktemp("m") / "smollm2-all", None)
-        a = VllmServer(all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all")
-        b = VllmServer(tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama")
-        start_all([a, b])
-        dense_server.wait_ready()
-        yield a, b, dense_server
-        a.stop()
-        b.stop()
+@pytest.fixture(scope="class")
+def two_servers(smollm2_fh, tiny_models, dense_server, e2e_logs, tmp_path_factory):
+    all_probes = with_probes(smollm2_fh, tmp_path_factory.mktemp("m") / "smollm2-all", None)
+    a = VllmServer(all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all")
+    b = VllmServer(tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama")
+    start_all([a, b])
+    dense_server.wait_ready()
+    yield a, b, dense_server
+    a.stop()
+    b.stop()
 
-    def test_all_clusters_greedy_equals_dense(self, servers):
-        all_probes, _, dense = servers
+
+class TestTwoServers:
+    def test_all_clusters_greedy_equals_dense(self, two_servers):
+        all_probes, _, dense = two_servers
         got = all_probes.greedy_ids(PROMPTS, 32)
         ref = dense.greedy_ids(PROMPTS, 32)
         assert got == ref
         assert SERVING_LINE in all_probes.log()
 
-    def test_each_server_answers_with_its_own_model(self, servers, tiny_models):
-        smol, tiny, dense = servers
+    def test_each_server_answers_with_its_own_model(self, two_servers, tiny_models):
+        smol, tiny, dense = two_servers
         prompts = PROMPTS[:4]
         results = run_concurrently(
             [lambda p=p: smol.greedy_ids([p], 12)[0] for p in prompts]
