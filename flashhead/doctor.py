@@ -134,7 +134,7 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
         else {
             "name": ps.name,
             "path": str(ps.path),
-            "vllm": str(ps.vllm),
+            "vllm": ps.range_text,
             "description": ps.description,
             "serve": ps.serve,
             "reason": ps.reason,

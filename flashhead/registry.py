@@ -164,6 +164,12 @@ class PatchSet:
     reason: str = ""
     support: Mapping[str, str] = field(default_factory=dict)
     vllm_line: int = 0
+    # The range as written in the file (str(SpecifierSet) reorders it).
+    vllm_text: str = ""
+
+    @property
+    def range_text(self) -> str:
+        return self.vllm_text or str(self.vllm)
 
     @property
     def name(self) -> str:
@@ -305,10 +311,12 @@ class _Validator:
 
         spec = SpecifierSet()
         vllm_line = 0
+        vllm_text = ""
         if "vllm" in top:
             node = top["vllm"][1]
             vllm_line = node.start_mark.line + 1
             spec = self.specifier(node) or spec
+            vllm_text = str(self.value(node)).strip()
 
         description = ""
         if "description" in top:
@@ -365,6 +373,7 @@ class _Validator:
             reason=reason,
             support=support,
             vllm_line=vllm_line,
+            vllm_text=vllm_text,
         )
 
     def specifier(self, node: yaml.Node) -> SpecifierSet | None:
@@ -935,7 +944,7 @@ def check_ranges(patchsets: Sequence[PatchSet]) -> list[str]:
     for ps, iv in intervals:
         if iv.empty:
             problems.append(
-                f"{ps.path}:{ps.vllm_line}: vllm: range {str(ps.vllm)!r} matches no version (fix the bounds)"
+                f"{ps.path}:{ps.vllm_line}: vllm: range {ps.range_text!r} matches no version (fix the bounds)"
             )
     for i, (a, ia) in enumerate(intervals):
         for b, ib in intervals[i + 1 :]:
@@ -944,8 +953,8 @@ def check_ranges(patchsets: Sequence[PatchSet]) -> list[str]:
             both = ia.intersect(ib)
             if not both.empty:
                 problems.append(
-                    f"{b.path}:{b.vllm_line}: vllm: range {str(b.vllm)!r} overlaps {a.name} "
-                    f"({str(a.vllm)!r}, line {a.vllm_line}){_overlap_hint(both)} "
+                    f"{b.path}:{b.vllm_line}: vllm: range {b.range_text!r} overlaps {a.name} "
+                    f"({a.range_text!r}, line {a.vllm_line}){_overlap_hint(both)} "
                     "(every vLLM version must select at most one file; move a bound)"
                 )
     return problems
