@@ -527,6 +527,18 @@ def _check_target(
         row.detail = f"not at {target}; defined at {others}"
     if found.inherited_from or found.location != target:
         row.location = found.location
+    if found.kind == "attribute":
+        # Set only on instances: the live check (flashhead.engine) sees class-level names,
+        # dataclass fields and annotations only, so this target would fail at run time.
+        row.status = MISSING
+        row.detail = _join(
+            row.detail,
+            f"{found.qualname.rsplit('.', 1)[-1]} is only assigned on instances "
+            f"(self.{found.qualname.rsplit('.', 1)[-1]} = ... in {found.qualname.rsplit('.', 1)[0]}"
+            f", line {found.lineno}); require a class-level name, a dataclass field or an "
+            "annotated attribute instead",
+        )
+        return row
     if declared is None:
         row.found = signature_of(found, tree)
         return row

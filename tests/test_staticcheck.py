@@ -426,3 +426,22 @@ def test_instance_attributes_set_in_methods_resolve(tree):
         found = tree.resolve(f"{runner}.{name}")
         assert found is not None and found.kind == "attribute", name
     assert tree.resolve(f"{runner}.input_batch") is None
+
+
+def test_requiring_an_instance_only_attribute_fails_like_the_live_check(tree):
+    """The engine's live check only sees class-level names: the static check must agree."""
+    spec = registry.PatchSpec(
+        id="x",
+        kind="wrap",
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+        requires=(
+            registry.Requirement("vllm.v1.worker.gpu_model_runner:GPUModelRunner.requests"),
+            registry.Requirement(
+                "vllm.model_executor.layers.logits_processor:LogitsProcessor.use_all_gather"
+            ),
+        ),
+    )
+    rows = rows_by_target(staticcheck.check_patch(spec, tree))
+    attr = rows["vllm.v1.worker.gpu_model_runner:GPUModelRunner.requests"]
+    assert attr.status == "missing" and "only assigned on instances" in attr.detail
+    assert rows["vllm.model_executor.layers.logits_processor:LogitsProcessor.use_all_gather"].ok
