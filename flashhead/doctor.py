@@ -7,10 +7,13 @@ process, with ``force_import=True`` (every target module is imported, so nothing
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +252,30 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send fd 1 to stderr while vLLM is imported: some releases log to stdout at import time,
+    which would corrupt ``--json``. fd-level, because vLLM's handler holds the real stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run_doctor(*, as_json: bool = False, model_dir: str | None = None) -> int:
-    report = build_report(model_dir)
+    with _stdout_to_stderr():
+        report = build_report(model_dir)
     print(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
     return 0 if report["ok"] else 1

@@ -182,3 +182,27 @@ def test_doctor_against_installed_vllm(test_python, clean_flashhead_env):
     assert by_id["architectures"]["status"] == "applied"
     assert "FlashHeadLlamaForCausalLM" in by_id["architectures"]["details"]["registered"]
     assert all(p["status"] != "pending" for p in report["patches"])  # force_import
+
+
+NOISY = """\
+  - id: noisy
+    kind: wrap
+    target: "fakelib.noisy:run"
+    handler: "flashhead.handlers.observe:count_logits_calls"
+    signature: "(x)"
+    why: "noisy import"
+    remove_when: "never"
+"""
+
+
+def test_json_stays_clean_when_imports_write_to_stdout(env, capfd):
+    sys.modules.pop("fakelib.noisy", None)
+    write_set(env, ARCHS, NOISY)
+    try:
+        rc = cli.main(["doctor", "--json"])
+    finally:
+        sys.modules.pop("fakelib.noisy", None)
+    out, err = capfd.readouterr()
+    report = json.loads(out)  # nothing but the report on stdout
+    assert rc == 0 and {p["id"]: p["status"] for p in report["patches"]}["noisy"] == "applied"
+    assert "noisy import on stdout" in err
