@@ -192,7 +192,7 @@ def flash_bytes(head: FlashHead, batch: int) -> int:
     elt = idx.wc.element_size()
     stage1 = idx.cent_q.numel() + idx.cent_scale.numel() * 4
     rows = (head.n_probes + idx.n_special_clusters) * head.cluster_size
-    return stage1 + batch * rows * idx.hidden_size * (elt + 4)  # + slot ids (int32)
+    return stage1 + batch * rows * (idx.hidden_size * elt + 4)  # + one int32 slot id per row
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:

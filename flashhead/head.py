@@ -1,10 +1,10 @@
 """The model-facing FlashHead: head weight + assets -> cluster index, buffers, backend dispatch.
 
-Per call (shared by both backends, so the torch and Triton paths pick the same token ids):
-Gumbel noise is drawn here in torch (per-row generators), the backend computes stage 1 keys,
-torch takes the top-p clusters per row and sorts them (the slot order of the candidates), the
-always-probed special-token clusters are appended, and the backend scores the candidates and
-picks the token. Knows nothing of vLLM.
+Per call: Gumbel noise is drawn here in torch (per-row generators) and handed to the backend,
+so the torch and Triton paths pick the same token ids; the backend computes stage 1 keys,
+selects the top-p clusters per row (ascending cluster order, the slot order of the candidates;
+the always-probed special-token clusters last), scores the candidates and picks the token.
+Knows nothing of vLLM.
 """
 
 from __future__ import annotations
@@ -140,9 +140,6 @@ class FlashHead:
         self.backend = dispatch.resolve_backend(backend, weight.device)
         self._ops = dispatch.backend_ops(self.backend)
         self._buffers: dict = {}
-        self._special_probes = (
-            torch.arange(index.n_special_clusters, device=weight.device) + index.n_clusters
-        )
 
     @classmethod
     def build(
@@ -188,15 +185,7 @@ class FlashHead:
         keys = self._ops.probe_keys(
             h, self.index.cent_q, self.index.cent_scale, inv_t if noise is not None else None, noise
         )
-        probes = keys.topk(p, dim=1, sorted=False).indices
-        if h.device.type == "cpu":
-            # Ascending cluster order reads the cluster-major copy front to back (prefetch
-            # friendly). On the GPU the order does not matter and the sort costs a launch; both
-            # backends receive this same tensor either way.
-            probes = probes.sort(dim=1).values
-        if self.index.n_special_clusters:
-            probes = torch.cat([probes, self._special_probes.expand(n_rows, -1)], dim=1)
-        return probes
+        return self._ops.select_probes(keys, p, self.index.n_special_clusters)
 
     def _run(self, h, n_probes, temperature, generators, want_tokens, want_scores=True):
         h = self._check_h(h)

@@ -3,7 +3,8 @@
 auto = Triton for CUDA tensors when Triton imports, torch otherwise. The torch backend on CPU
 hands large batches to the dense head (`F.linear`): per-row FlashHead scores K = (p + special
 clusters) * s rows per row, so once B * K >= 2 * V (B >= 63 at the Llama-3.2 shape) the dense
-GEMM, which reads the head once for all rows, is expected to win. `FLASHHEAD_CPU_DENSE_MIN_BATCH`
+GEMM, which reads the head once for all rows, is expected to win. On the GPU (Triton) both are
+bandwidth-bound: dense once B * K >= V (B >= 32 at that shape). `FLASHHEAD_DENSE_MIN_BATCH`
 overrides the rule with a fixed batch size (0 = never dense).
 `describe_backend()` reports all of this (the doctor shows it).
 """
@@ -19,7 +20,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_BACKEND = "FLASHHEAD_BACKEND"
-ENV_DENSE_MIN_BATCH = "FLASHHEAD_CPU_DENSE_MIN_BATCH"
+ENV_DENSE_MIN_BATCH = "FLASHHEAD_DENSE_MIN_BATCH"
 # The dense GEMM reads the head once for all rows but does B x V row-dots; FlashHead reads and
 # scores B x K candidate rows. On 1-2 CPU threads a bf16 GEMM row-dot costs about as much as a
 # FlashHead row read, so dense wins once FlashHead scores about two heads' worth of rows.
@@ -77,8 +78,8 @@ def resolve_backend(explicit: str | None, device: torch.device | str | None) -> 
     return "triton" if ok and dev.type == "cuda" else "torch"
 
 
-def cpu_dense_min_batch() -> int | None:
-    """The FLASHHEAD_CPU_DENSE_MIN_BATCH override (0 = never dense), or None for the rule."""
+def dense_min_batch() -> int | None:
+    """The FLASHHEAD_DENSE_MIN_BATCH override (0 = never dense), or None for the rule."""
     raw = os.environ.get(ENV_DENSE_MIN_BATCH)
     if raw is None or raw.strip() == "":
         return None
@@ -98,17 +99,21 @@ def prefer_dense(
     candidate_rows: int | None = None,
     vocab: int | None = None,
 ) -> bool:
-    """True where the dense head beats FlashHead: only the torch backend on CPU, when the
-    rows FlashHead scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR
-    heads (`vocab` rows each), or past the FLASHHEAD_CPU_DENSE_MIN_BATCH override."""
-    if torch.device(device).type != "cpu" or backend != "torch":
+    """True where the dense head beats FlashHead. Torch backend on CPU: when the rows FlashHead
+    scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR heads (`vocab`
+    rows each), or past the FLASHHEAD_DENSE_MIN_BATCH override. Triton: when those rows
+    reach one head (both are bandwidth-bound, and FlashHead reads at least as many bytes)."""
+    on_cpu_torch = backend == "torch" and torch.device(device).type == "cpu"
+    if backend != "triton" and not on_cpu_torch:
         return False
-    limit = cpu_dense_min_batch()
+    limit = dense_min_batch()
     if limit is not None:
         return limit > 0 and n_rows >= limit
     if candidate_rows is None or vocab is None:
         return False
-    return n_rows * candidate_rows >= DENSE_ROW_FACTOR * vocab
+    # GPU: bandwidth-bound, dense once FlashHead would read as many weight rows.
+    factor = DENSE_ROW_FACTOR if on_cpu_torch else 1
+    return n_rows * candidate_rows >= factor * vocab
 
 
 def backend_ops(backend: str) -> Any:
@@ -117,13 +122,17 @@ def backend_ops(backend: str) -> Any:
         from flashhead.kernels import triton_ops
 
         return SimpleNamespace(
-            probe_keys=triton_ops.probe_keys, candidate_scores=triton_ops.candidate_scores
+            probe_keys=triton_ops.probe_keys,
+            select_probes=triton_ops.select_probes,
+            candidate_scores=triton_ops.candidate_scores,
         )
     from flashhead.kernels import reference
 
     if backend == "reference":
         return SimpleNamespace(
-            probe_keys=reference.probe_keys, candidate_scores=reference.candidate_scores
+            probe_keys=reference.probe_keys,
+            select_probes=reference.select_probes,
+            candidate_scores=reference.candidate_scores,
         )
 
     def candidate_scores(*args, **kwargs):
@@ -132,7 +141,11 @@ def backend_ops(backend: str) -> Any:
     def probe_keys(*args, **kwargs):
         return reference.probe_keys(*args, fast=True, **kwargs)
 
-    return SimpleNamespace(probe_keys=probe_keys, candidate_scores=candidate_scores)
+    return SimpleNamespace(
+        probe_keys=probe_keys,
+        select_probes=reference.select_probes,
+        candidate_scores=candidate_scores,
+    )
 
 
 def describe_backend(device: torch.device | str | None = None) -> dict:
@@ -160,13 +173,13 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
         report["reason"] = f"{ENV_BACKEND}=torch"
     else:
         report["reason"] = "no CUDA device" if dev.type != "cuda" else f"Triton {info}"
-    if dev.type == "cpu" and backend == "torch":
-        limit = cpu_dense_min_batch()
+    if backend == "triton" or dev.type == "cpu":
+        limit = dense_min_batch()
         report["dense_min_batch"] = limit
         if limit is None:
             report["dense_fallback"] = (
-                f"batches where B x K >= {DENSE_ROW_FACTOR} x V use the dense head "
-                f"(K = candidate rows per row; {ENV_DENSE_MIN_BATCH} overrides)"
+                f"batches where B x K >= {DENSE_ROW_FACTOR if backend == 'torch' else 1} x V use "
+                f"the dense head (K = candidate rows per row; {ENV_DENSE_MIN_BATCH} overrides)"
             )
         else:
             report["dense_fallback"] = (
@@ -174,9 +187,10 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
                 if limit > 0
                 else f"never ({ENV_DENSE_MIN_BATCH}=0)"
             )
-        from flashhead.kernels.reference import cpu_compile_status
+        if backend == "torch":
+            from flashhead.kernels.reference import cpu_compile_status
 
-        report["cpu_gather_dot"] = cpu_compile_status()
+            report["cpu_gather_dot"] = cpu_compile_status()
     return report
 
 

@@ -1,11 +1,13 @@
 """The torch FlashHead: the reference semantics (exact fp32 math) and the CPU fast path.
 
-Both backends (this one and `triton_ops`) implement the same two steps; everything between them
-(noise, top-p selection, sorting the probes) is shared torch code in `flashhead.head`:
+Both backends (this one and `triton_ops`) implement the same steps; the Gumbel noise is drawn
+in shared torch code (`flashhead.head`) and passed in:
 
 1. `probe_keys(h, cent_q, cent_scale, inv_t, noise)` -> [B, c] float32:
    `s = (h . q_c) * scale_c` (int8 centroids, per-row scale: the paper's low-precision stage 1);
    rows with inverse temperature `inv_t > 0` get `s * inv_t + gumbel` (Gumbel-top-k), others `s`.
+   `select_probes(keys, p, n_special_clusters)` -> [B, P] int64: the p largest keys per row (ties
+   to the smallest cluster id) in ascending cluster order, then the special-token clusters.
 2. `candidate_scores(h, index, probes, inv_t, noise)` -> (scores [B, K] float32, tokens [B]):
    exact scores `h . W[tok]` of every slot of the probed clusters (padding and special tokens
    already inside a probed cluster score -inf), and the picked token per row: the max of
@@ -94,6 +96,23 @@ def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
         cached = (q.float() * scale.unsqueeze(1)).to(dtype)
         _dequant_cache[key] = cached
     return cached
+
+
+def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:
+    """[B, p + n_special_clusters] int64: per row the `n_probes` clusters with the largest keys,
+    ties at the threshold to the smallest cluster id, in ascending cluster order; then the
+    always-probed special-token clusters (ids c, c+1, ...)."""
+    n_rows, c = keys.shape
+    threshold = keys.topk(n_probes, dim=1).values[:, -1:]
+    above = keys > threshold
+    tied = keys == threshold
+    room = n_probes - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+    probes = chosen.nonzero()[:, 1].view(n_rows, n_probes)
+    if n_special_clusters:
+        extra = torch.arange(c, c + n_special_clusters, device=keys.device)
+        probes = torch.cat([probes, extra.expand(n_rows, -1)], dim=1)
+    return probes
 
 
 def special_duplicates(index: ClusterIndex, probes: torch.Tensor) -> torch.Tensor:

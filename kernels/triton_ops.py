@@ -2,16 +2,21 @@
 
 - `_probe_keys_kernel`: stage 1 (int8 centroids, fp32 accumulate, per-centroid scale) fused with
   the Gumbel perturbation of sampled rows, so selection reads finished keys. Top-p selection
-  itself stays in torch (shared code): a global top-p across programs needs a second pass anyway.
+  itself is `_select_kernel` (one program per row; a global top-p needs all keys anyway).
+- `_select_kernel`: exact top-p per row by bisection on order-preserving integer keys, ties to
+  the smallest cluster id, written in ascending cluster order plus the special clusters.
 - `_candidates_kernel`: stage 2 fused with the argmax / Gumbel-max pick. Each program scores
   `CPB` probed clusters of one row (gathered straight from the cluster-major copy), masks
   padding and duplicated special tokens, and folds its best (key, token) into one int64 per row
   with `tl.atomic_max` (order-preserving float bits in the high word, `0x7FFFFFFF - token` in the
-  low word: ties go to the smallest token id).
+  low word: ties go to the smallest token id); the row's last program decodes the token.
 
-Launched only for CUDA tensors, or for CPU tensors under `TRITON_INTERPRET=1` (tests). Every
-value is upcast to float32 right after `tl.load` (the interpreter computes bf16 wrongly, and it
-keeps the products exact like the reference); `tl.dot` runs with `input_precision="ieee"`.
+Launched only for CUDA tensors, or for CPU tensors under `TRITON_INTERPRET=1` (tests). Values
+are upcast to float32 right after `tl.load` (the interpreter computes bf16 wrongly). Stage 1's
+`tl.dot` is exact fp32 (`ieee`) in the interpreter; on the GPU it multiplies in h's 16-bit dtype
+(int8 centroids are exact there, so the products are exact and summed in fp32) or, for fp32 h,
+with 3-pass tf32. Sums run in a different order than torch's, so scores agree to rounding and
+token ids agree except on exact near-ties.
 Block sizes are per platform: large blocks when interpreting (each program costs milliseconds
 there), small ones on the GPU (enough programs to fill the SMs at B=1).
 """
@@ -50,6 +55,7 @@ def _probe_keys_kernel(
     h_ptr, q_ptr, scale_ptr, invt_ptr, noise_ptr, out_ptr,
     B, C, D, stride_h, stride_q, stride_n, stride_o,
     HAS_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -67,7 +73,12 @@ def _probe_keys_kernel(
         qv = tl.load(
             q_ptr + rc[:, None] * stride_q + rd[None, :], mask=mc[:, None] & md[None, :], other=0
         )
-        acc += tl.dot(hv.to(tl.float32), tl.trans(qv.to(tl.float32)), input_precision="ieee")
+        if DOT_MODE == 0:  # interpreter: exact fp32 (its bf16 dot is wrong)
+            acc += tl.dot(hv.to(tl.float32), tl.trans(qv.to(tl.float32)), input_precision="ieee")
+        elif DOT_MODE == 1:  # bf16/fp16 h: int8 is exact in h's dtype, products exact, fp32 sum
+            acc += tl.dot(hv, tl.trans(qv.to(hv.dtype)))
+        else:  # fp32 h: 3-pass tf32 on tensor cores, ~fp32 accuracy
+            acc += tl.dot(hv, tl.trans(qv.to(tl.float32)), input_precision="tf32x3")
     scale = tl.load(scale_ptr + rc, mask=mc, other=0.0)
     keys = acc * scale[None, :]
     if HAS_NOISE:
@@ -84,7 +95,7 @@ def _probe_keys_kernel(
 @triton.jit
 def _candidates_kernel(
     h_ptr, wc_ptr, slot_ids_ptr, slot_home_ptr, probes_ptr, invt_ptr, noise_ptr, scores_ptr, best_ptr,
-    D, P, P_REG, stride_h, stride_w, stride_p, stride_n, stride_s,
+    count_ptr, tokens_ptr, N_PROG, D, P, P_REG, stride_h, stride_w, stride_p, stride_n, stride_s,
     S: tl.constexpr, SP: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_PR: tl.constexpr, HAS_SPECIAL: tl.constexpr, HAS_NOISE: tl.constexpr,
     WANT_SCORES: tl.constexpr, WANT_BEST: tl.constexpr,
@@ -135,6 +146,13 @@ def _candidates_kernel(
         ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         packed = (ordered.to(tl.int64) << 32) | low.to(tl.int64)
         tl.atomic_max(best_ptr + b, packed, mask=low >= 0)
+        # The row's last program to finish decodes the token and resets the row's best and
+        # counter for the next call (no fill or decode launches; CUDA-graph friendly).
+        done = tl.atomic_add(count_ptr + b, 1)
+        if done == N_PROG - 1:
+            val = tl.atomic_xchg(best_ptr + b, -9223372036854775807 - 1)
+            tl.store(tokens_ptr + b, 0x7FFFFFFF - (val - ((val >> 32) << 32)))
+            tl.atomic_xchg(count_ptr + b, 0)
 
 
 def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
@@ -151,6 +169,59 @@ def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
     return values
 
 
+@triton.jit
+def _select_kernel(
+    keys_ptr, out_ptr, C, P, N_SPECIAL, stride_k, stride_o,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # One program per row: bisect on order-preserving integer keys for the p-th largest value,
+    # then keep everything above it and the first tied ones, compacted in ascending cluster order.
+    b = tl.program_id(0)
+    rc = tl.arange(0, BLOCK)
+    valid = rc < C
+    x = tl.load(keys_ptr + b * stride_k + rc, mask=valid, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    u = tl.where(valid, u, -4294967296)  # below every valid key
+    lo = tl.min(tl.where(valid, u, 4294967296), axis=0)  # count(u >= lo) >= P
+    hi = tl.max(u, axis=0)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((u >= mid).to(tl.int32), axis=0) >= P
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = u > lo
+    tied = u == lo
+    room = P - tl.sum(above.to(tl.int32), axis=0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + b * stride_o + pos, rc.to(tl.int64), mask=chosen)
+    rs = tl.arange(0, BLOCK_S)
+    tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
+
+
+MAX_SELECT_BLOCK = 1 << 16  # keys per row held in one program's registers
+
+
+def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:
+    """Top-p clusters per row; semantics of `reference.select_probes`."""
+    _check_device(keys)
+    n_rows, c = keys.shape
+    block = max(16, _pow2(c))
+    if block > MAX_SELECT_BLOCK:
+        from flashhead.kernels.reference import select_probes as torch_select
+
+        return torch_select(keys, n_probes, n_special_clusters)
+    keys = keys.contiguous()
+    out = torch.empty(n_rows, n_probes + n_special_clusters, dtype=torch.int64, device=keys.device)
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    _select_kernel[(n_rows,)](
+        keys, out, c, n_probes, n_special_clusters, keys.stride(0), out.stride(0),
+        BLOCK=block, BLOCK_S=max(16, _pow2(n_special_clusters)), num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
 def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps) for stage 1."""
     if _interpreting():
@@ -165,6 +236,12 @@ def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int, int]:
         return override  # type: ignore[return-value]
     # Small C blocks: c=8016 gives 251 programs, enough to cover 132 SMs at B=1.
     return (16 if n_rows <= 16 else 32), 32, 128, 4
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    if _interpreting():
+        return 0
+    return 1 if dtype in (torch.bfloat16, torch.float16) else 2
 
 
 def probe_keys(
@@ -189,9 +266,24 @@ def probe_keys(
     _probe_keys_kernel[grid](
         h, cent_q, cent_scale, it, nz, out,
         n_rows, c, d, h.stride(0), cent_q.stride(0), nz.stride(0), out.stride(0),
-        HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps,
+        HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+        DOT_MODE=_dot_mode(h.dtype), num_warps=warps,
     )  # fmt: skip
     return out
+
+
+def _row_state(
+    buffers: dict, n_rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (best, counter) buffers of the fused pick. Kernels leave them reset (best =
+    INT64_MIN, counter = 0), so they are allocated once and reused: one stream per FlashHead."""
+    key = ("triton_row_state", str(device))
+    state = buffers.get(key)
+    if state is None or state[0].numel() < n_rows:
+        size = max(n_rows, 64)
+        best = torch.full((size,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+        state = buffers[key] = (best, torch.zeros(size, dtype=torch.int32, device=device))
+    return state
 
 
 def _candidate_blocks(n_probes: int, sp: int, d: int) -> tuple[int, int, int]:
@@ -229,9 +321,10 @@ def candidate_scores(
     probes = probes.contiguous()
     device = h.device
     scores = torch.empty(n_rows, k, dtype=torch.float32, device=device) if want_scores else None
-    best = None
+    best = count = tokens = None
     if want_tokens:
-        best = torch.full((n_rows,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+        best, count = _row_state(buffers if buffers is not None else {}, n_rows, device)
+        tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
     has_noise = want_tokens and inv_t is not None and noise is not None
     dummy = index.cent_scale
     nz = noise.contiguous() if has_noise else dummy
@@ -241,12 +334,12 @@ def candidate_scores(
         h, index.wc, index.slot_ids, index.slot_home, probes,
         inv_t.contiguous() if has_noise else dummy, nz,
         scores if want_scores else dummy, best if want_tokens else dummy,
+        count if want_tokens else dummy, tokens if want_tokens else dummy, grid[1],
         d, n_probe, p_reg, h.stride(0), index.wc.stride(0), probes.stride(0),
         nz.stride(0) if has_noise else 0, scores.stride(0) if want_scores else 0,
         S=s, SP=sp, CPB=cpb, BLOCK_D=block_d, BLOCK_PR=_pow2(max(p_reg, 1)),
         HAS_SPECIAL=index.n_special_clusters > 0, HAS_NOISE=has_noise,
         WANT_SCORES=want_scores, WANT_BEST=want_tokens, num_warps=warps,
     )  # fmt: skip
-    tokens = (0x7FFFFFFF - (best & 0xFFFFFFFF)) if want_tokens else None
     ids = candidate_ids(index, probes) if want_scores else None
     return ids, scores, tokens

@@ -13,6 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # The CPU torch backend compiles its gather-dot per shape (~15 s each); these tests use many
 # small shapes, so they run the gather + GEMV path, and one slow test covers the compiled one.
 os.environ.setdefault("FLASHHEAD_CPU_COMPILE", "0")
+# Tiny test heads would go dense by the dispatcher's rows rule; tests of FlashHead semantics
+# need FlashHead (tests of the rule set the variable themselves).
+os.environ.setdefault("FLASHHEAD_DENSE_MIN_BATCH", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -113,7 +113,10 @@ def test_cpu_large_batches_go_dense(setup, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_DENSE_MIN_BATCH)
     assert head.candidate_rows == 40
     assert not head.uses_dense(6) and head.uses_dense(7)  # 7 x 40 >= 2 x 128
-    assert not head.uses_dense(7, torch.device("cuda"))  # GPU: never
+    assert not head.uses_dense(7, torch.device("cuda"))  # the torch backend on GPU: never
+    assert dispatch.prefer_dense("triton", "cuda", 4, 40, 128) and not dispatch.prefer_dense(
+        "triton", "cuda", 3, 40, 128
+    )  # Triton: dense once B x K >= V
 
 
 def test_bad_inputs(setup):
@@ -143,7 +146,7 @@ def test_dispatch_env(monkeypatch):
     assert info["dense_min_batch"] is None and "B x K" in info["dense_fallback"]
     monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "lots")
     with pytest.raises(dispatch.BackendError, match="integer"):
-        dispatch.cpu_dense_min_batch()
+        dispatch.dense_min_batch()
 
 
 def test_dispatch_forced_triton_without_cuda(monkeypatch):

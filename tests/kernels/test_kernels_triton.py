@@ -99,3 +99,26 @@ def test_refuses_cpu_tensors_without_interpreter(monkeypatch, make_assets):
     head = FlashHead.build(weight, assets, backend="reference")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         triton_ops.probe_keys(torch.randn(1, 32), head.index.cent_q, head.index.cent_scale)
+
+
+@pytest.mark.parametrize("c,p,n_special", [(16, 4, 0), (1000, 100, 2), (37, 37, 1)])
+def test_select_probes_matches_reference_with_ties(device, c, p, n_special):
+    from flashhead.kernels import reference
+
+    gen = torch.Generator().manual_seed(c)
+    keys = torch.randn(3, c, generator=gen)
+    keys[0, : c // 2] = keys[0, 0]  # a big tie at (or around) the threshold
+    keys[1] = torch.round(keys[1] * 2) / 2  # many ties everywhere
+    keys[2, 5] = -keys[2, 5].abs() - 1e-30  # tiny negative and mixed signs
+    want = reference.select_probes(keys, p, n_special)
+    got = triton_ops.select_probes(keys.to(device), p, n_special).cpu()
+    assert torch.equal(got, want)
+    assert (got[:, :p].diff(dim=1) > 0).all()  # ascending cluster order
+    assert torch.equal(got[:, p:], torch.arange(c, c + n_special).expand(3, -1))
+    # the kept keys are the p largest: nothing left out beats the smallest kept key
+    for row in range(3):
+        kept = keys[row, got[row, :p]]
+        out = torch.ones(c, dtype=torch.bool)
+        out[got[row, :p]] = False
+        if out.any():
+            assert keys[row, out].max() <= kept.min()
