@@ -63,14 +63,6 @@ class Activation:
                 out["failed"] += 1
         return out
 
-    def required_ok(self) -> bool:
-        """Every required patch that this process must apply is applied (or waits for import)."""
-        return all(
-            r.status in ("applied", "pending") or r.status in SKIPPED_STATUSES
-            for r in self.records
-            if r.required
-        )
-
     def log_line(self) -> str:
         c = self.counts()
         vllm = (
