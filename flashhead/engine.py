@@ -67,6 +67,7 @@ FAILED_STATUSES = (
 )
 
 Undo = Callable[[], None]
+HOOK_LOCK_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -428,7 +429,13 @@ class PatchEngine:
         def on_import(_module: Any) -> None:
             # Runs inside the host's import: must never raise.
             try:
-                with self._lock:
+                # The host holds this module's import lock while hooks run; another thread may
+                # hold the engine lock while it waits for that import. Never wait forever.
+                if not self._lock.acquire(timeout=HOOK_LOCK_TIMEOUT_S):
+                    entry.record.reason = "engine busy during import; not applied"
+                    logger.error("flashhead: %s not applied: engine lock timeout", entry.spec.id)
+                    return
+                try:
                     if not entry.hook_armed or self._sets.get(state.set_id) is not state:
                         return  # unpatched, rolled back or re-applied since
                     entry.hook_armed = False
@@ -436,6 +443,8 @@ class PatchEngine:
                     logger.debug(
                         "flashhead: %s -> %s (after import)", entry.spec.id, entry.record.status
                     )
+                finally:
+                    self._lock.release()
             except BaseException as exc:  # noqa: BLE001 - the host's import must survive
                 try:
                     logger.error(

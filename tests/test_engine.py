@@ -549,3 +549,29 @@ def test_requires_accepts_declared_instance_fields(core):
         enabled=on,
     )
     assert rec.status == "missing-target"
+
+
+def test_hook_does_not_wait_forever_for_a_busy_engine(lazy_unloaded, monkeypatch):
+    import flashhead.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "HOOK_LOCK_TIMEOUT_S", 0.2)
+    engine = PatchEngine()
+    [rec] = engine.apply([LAZY], set_id="s", enabled=on)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with engine._lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        lazy = importlib.import_module("fakelib.lazy")  # must return, unpatched
+        assert lazy.compute(3) == 6
+        assert rec.status == "pending" and "engine busy" in rec.reason
+    finally:
+        release.set()
+        t.join()
+        engine.unpatch()
