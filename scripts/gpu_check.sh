@@ -2,10 +2,11 @@
 # One-shot GPU check for the FlashHead core (run from the repo root on a CUDA machine):
 #   1. make flashhead importable without network (copy the package layout to /tmp, no pip),
 #   2. run the kernel tests with the Triton interpreter OFF on CUDA tensors,
-#   3. `flashhead bench --device cuda --json` at B=1/8/32 bf16 (CUDA graphs, then eager),
-#   4. a small block-size sweep and per-stage timings of the Triton path.
-# Results go to $OUT (default ./gpu_out): tests.log, bench_graphs.json, bench_eager.json,
-# sweep.json; a short summary is printed last.
+#   3. a block-size sweep per stage and per-stage timings of the Triton path (best -> best.env),
+#   4. `flashhead bench --device cuda --json` at B=1/8/32 bf16 (CUDA graphs, then eager) with
+#      the best blocks.
+# Results go to $OUT (default ./gpu_out): tests.log, sweep.json, best.env, bench_graphs.json,
+# bench_eager.json; a short summary is printed last.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -32,75 +33,110 @@ echo "== kernel tests (TRITON_INTERPRET=0, CUDA tensors)"
 timeout 240 $PY -m pytest -q "$REPO/tests/kernels" -m "not slow" -p no:cacheprovider \
   --rootdir="$REPO/tests/kernels" --confcutdir="$REPO/tests/kernels" 2>&1 | tee "$OUT/tests.log" | tail -15
 
-echo "== bench (CUDA graphs)"
-timeout 150 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
-  --iters 200 --warmup 10 >"$OUT/bench_graphs.json" 2>"$OUT/bench_graphs.err"
-echo "== bench (eager)"
-timeout 100 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
-  --iters 100 --warmup 5 --no-graphs >"$OUT/bench_eager.json" 2>"$OUT/bench_eager.err"
-
-echo "== sweep"
-timeout 150 $PY - "$OUT/sweep.json" <<'EOF' 2>&1 | tail -40
+echo "== sweep (per-stage block sizes, CUDA graphs)"
+cat >/tmp/flashhead_run/sweep.py <<'PYEOF'
 import json, os, sys, torch, triton
 from flashhead.bench import BenchConfig, make_problem
 from flashhead.head import FlashHead
 from flashhead.kernels import triton_ops
 
+out = sys.argv[1]
 cfg = BenchConfig(device="cuda")
 weight, assets = make_problem(cfg)
 head = FlashHead.build(weight, assets)
-res = {"device": torch.cuda.get_device_name(0), "stages": {}, "sweep": []}
+ix = head.index
+res = {"device": torch.cuda.get_device_name(0), "s1": [], "s2": [], "stages": {}}
 
-def bench_graph(fn):
-    fn(); torch.cuda.synchronize()
+
+def us(fn):
+    fn()
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3  # us
+    return round(triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3, 1)
 
-for B in (1, 8, 32):
-    h = (weight[:B].float() / 45).to(torch.bfloat16).contiguous()
-    keys = triton_ops.probe_keys(h, head.index.cent_q, head.index.cent_scale)
-    probes = keys.topk(256, dim=1, sorted=False).indices
+
+hs = {B: (weight[:B].float() / 45).to(torch.bfloat16).contiguous() for B in (1, 8, 32)}
+probes = {B: triton_ops.select_probes(triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale), 256) for B, h in hs.items()}
+
+
+def sweep(var, configs, fn, key):
+    best = None
+    for conf in configs:
+        os.environ[var] = conf
+        row = {"cfg": conf}
+        try:
+            for B in (1, 8):
+                row[f"B{B}_us"] = us(lambda: fn(B))
+        except Exception as exc:
+            row["error"] = repr(exc)[:300]
+        res[key].append(row)
+        print(key, row, flush=True)
+        if "error" not in row and (best is None or row["B1_us"] + row["B8_us"] / 4 < best[1]):
+            best = (conf, row["B1_us"] + row["B8_us"] / 4)
+    os.environ.pop(var)
+    return best[0] if best else None
+
+
+s1 = sweep("FLASHHEAD_TRITON_S1",
+           ["16,32,128,4", "16,64,128,4", "16,64,256,4", "16,128,128,4", "16,32,256,4", "16,16,512,4"],
+           lambda B: triton_ops.probe_keys(hs[B], ix.cent_q, ix.cent_scale), "s1")
+s2 = sweep("FLASHHEAD_TRITON_S2",
+           ["1,256,4", "1,512,4", "1,1024,8", "1,2048,8", "2,512,8", "2,1024,8", "4,512,8"],
+           lambda B: triton_ops.candidate_scores(hs[B], ix, probes[B], want_scores=False, buffers=head._buffers), "s2")
+res["best"] = {"FLASHHEAD_TRITON_S1": s1, "FLASHHEAD_TRITON_S2": s2}
+for var, val in res["best"].items():
+    if val:
+        os.environ[var] = val
+keys = {B: triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale) for B, h in hs.items()}
+for B, h in hs.items():
     st = {
-        "stage1_us": bench_graph(lambda: triton_ops.probe_keys(h, head.index.cent_q, head.index.cent_scale)),
-        "topk_us": bench_graph(lambda: keys.topk(256, dim=1, sorted=False)),
-        "stage2_us": bench_graph(lambda: triton_ops.candidate_scores(h, head.index, probes, want_scores=False)),
-        "tokens_us": bench_graph(lambda: head.tokens(h)),
-        "dense_us": bench_graph(lambda: torch.nn.functional.linear(h, weight).argmax(-1)),
-        "cublas_centroids_bf16_us": bench_graph(lambda: torch.nn.functional.linear(h, head.index.cent_q.to(torch.bfloat16))),
+        "stage1": us(lambda: triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale)),
+        "select": us(lambda: triton_ops.select_probes(keys[B], 256)),
+        "torch_topk": us(lambda: keys[B].topk(256, dim=1, sorted=False)),
+        "stage2": us(lambda: triton_ops.candidate_scores(h, ix, probes[B], want_scores=False, buffers=head._buffers)),
+        "tokens": us(lambda: head._run(h, None, None, None, want_tokens=True, want_scores=False)),
+        "dense": us(lambda: torch.nn.functional.linear(h, weight).argmax(-1)),
     }
     res["stages"][B] = st
-    print(B, {k: round(v, 1) for k, v in st.items()}, flush=True)
+    print("B", B, st, flush=True)
+json.dump(res, open(os.path.join(out, "sweep.json"), "w"), indent=1)
+with open(os.path.join(out, "best.env"), "w") as f:
+    for var, val in res["best"].items():
+        if val:
+            f.write(f"export {var}={val}\n")
+PYEOF
+timeout 200 $PY /tmp/flashhead_run/sweep.py "$OUT" 2>&1 | tail -40
+[ -f "$OUT/best.env" ] && cat "$OUT/best.env" && . "$OUT/best.env"
 
-for s1 in ["16,32,128,4", "16,64,128,4", "16,16,256,4", "16,32,64,2"]:
-    for s2 in ["1,256,4", "1,512,4", "2,256,8", "1,128,2"]:
-        os.environ["FLASHHEAD_TRITON_S1"], os.environ["FLASHHEAD_TRITON_S2"] = s1, s2
-        row = {"s1": s1, "s2": s2}
-        try:
-            for B in (1, 8, 32):
-                h = (weight[:B].float() / 45).to(torch.bfloat16).contiguous()
-                row[f"B{B}_us"] = bench_graph(lambda: head.tokens(h))
-        except Exception as exc:
-            row["error"] = repr(exc)[:200]
-        res["sweep"].append(row)
-        print(row, flush=True)
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-EOF
+echo "== bench (CUDA graphs)"
+timeout 150 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
+  --iters 200 --warmup 10 >"$OUT/bench_graphs.json" 2>"$OUT/bench_graphs.err"
+echo "== bench (eager)"
+timeout 100 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
+  --iters 50 --warmup 5 --no-graphs >"$OUT/bench_eager.json" 2>"$OUT/bench_eager.err"
 
 echo "== summary"
-$PY - "$OUT" <<'EOF'
+cat >/tmp/flashhead_run/summary.py <<'PYEOF'
 import json, sys, pathlib
+
 out = pathlib.Path(sys.argv[1])
 for name in ("bench_graphs.json", "bench_eager.json"):
+    err = out / name.replace(".json", ".err")
     try:
         info = json.loads((out / name).read_text())
     except Exception as exc:
-        print(name, "missing:", exc, (out / name.replace(".json", ".err")).read_text()[-1500:] if (out / name.replace(".json", ".err")).exists() else "")
+        print(name, "missing:", exc, err.read_text()[-1500:] if err.exists() else "")
         continue
-    print(name, info["device_name"], "backend", info["backend"], "bw", round(info["bandwidth_gbs"] or 0), "GB/s",
-          "graphs", {k: v for k, v in (info.get("cuda_graphs") or {}).items() if not k.endswith("_error")})
+    graphs = {k: v for k, v in (info.get("cuda_graphs") or {}).items() if not k.endswith("_error")}
+    print(name, info["device_name"], "backend", info["backend"], "bw", round(info["bandwidth_gbs"] or 0), "GB/s", "graphs", graphs)
     for r in info["results"]:
-        print(f"  B={r['batch']:<3} dense {r['dense_ms']*1e3:7.1f} us  flash {r['flash_ms']*1e3:7.1f} us  "
-              f"ratio {r['ratio']:5.2f}x  floor share dense {r['dense_floor_share']:.0%} flash {r['flash_floor_share']:.0%}  agree {r['agreement']:.3f}")
-EOF
+        forced = r.get("flash_forced_ms")
+        print(
+            f"  B={r['batch']:<3} dense {r['dense_ms'] * 1e3:7.1f} us  flash {r['flash_ms'] * 1e3:7.1f} us ({r['flash_path']})  "
+            f"ratio {r['ratio']:5.2f}x  floor share dense {r['dense_floor_share']:.0%} flash {r['flash_floor_share']:.0%}  "
+            f"agree {r['agreement']:.3f}" + (f"  FlashHead itself {forced * 1e3:.1f} us" if forced else "")
+        )
+PYEOF
+$PY /tmp/flashhead_run/summary.py "$OUT"
