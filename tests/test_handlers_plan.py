@@ -17,6 +17,7 @@ from flashhead.handlers.plan import (
     greedy_plan,
     plan_for_rows,
     plan_scope,
+    seeded_generator,
 )
 
 
@@ -140,32 +141,67 @@ def test_nested_scopes_restore():
 
 
 def fake_v1_runner(reqs, *, spec=None):
-    """reqs: list of (req_id, SamplingParams-like, generator-or-None) in batch order."""
+    """reqs: list of (req_id, SamplingParams-like, num_computed_tokens) in batch order."""
     batch = types.SimpleNamespace(
         req_ids=[r for r, _, _ in reqs],
-        generators={i: g for i, (_, _, g) in enumerate(reqs) if g is not None},
+        num_computed_tokens_cpu=np.array([n for _, _, n in reqs], dtype=np.int32),
+        # vLLM's own per-request generators: FlashHead must never draw from these.
+        generators={i: torch.Generator().manual_seed(99) for i in range(len(reqs))},
     )
     requests = {r: types.SimpleNamespace(sampling_params=p) for r, p, _ in reqs}
     return types.SimpleNamespace(input_batch=batch, requests=requests, speculative_config=spec)
 
 
+def sched(**num_scheduled):
+    return types.SimpleNamespace(num_scheduled_tokens=num_scheduled)
+
+
+def draw(gen):
+    return torch.rand(4, generator=gen)
+
+
 def test_v1_plan_rows_follow_batch_order():
-    gen = torch.Generator().manual_seed(7)
     runner = fake_v1_runner(
         [
-            ("a", params(temperature=0.0), None),
-            ("b", params(temperature=0.5, seed=7), gen),
-            ("c", params(temperature=0.0, logprobs=1), None),
+            ("a", params(temperature=0.0, seed=3), 5),
+            ("b", params(temperature=0.5, seed=7), 9),
+            ("c", params(temperature=0.0, logprobs=1), 2),
+            ("d", params(temperature=0.5), 4),
         ]
     )
-    plan = runner_v1.build_plan(runner)
-    assert [d.kind for d in plan.decisions] == [RowKind.GREEDY, RowKind.SAMPLED, RowKind.DENSE]
-    assert plan.generator(0) is None and plan.generator(1) is gen
-    assert plan.flash_rows() == [0, 1] and plan.dense_rows() == [2]
+    plan = runner_v1.build_plan(runner, sched(a=1, b=1, c=1, d=1))
+    kinds = [d.kind for d in plan.decisions]
+    assert kinds == [RowKind.GREEDY, RowKind.SAMPLED, RowKind.DENSE, RowKind.SAMPLED]
+    assert plan.flash_rows() == [0, 1, 3] and plan.dense_rows() == [2]
+    # Only seeded sampled rows get a generator, and it is FlashHead's own.
+    assert plan.generator(0) is None and plan.generator(3) is None
+    gen = plan.generator(1)
+    assert gen is not None and all(gen is not g for g in runner.input_batch.generators.values())
+    assert torch.equal(draw(gen), draw(seeded_generator(7, 10)))
+
+
+def test_v1_seeded_noise_depends_on_position_not_batch():
+    alone = fake_v1_runner([("b", params(temperature=0.5, seed=7), 9)])
+    batched = fake_v1_runner(
+        [("x", params(temperature=0.5, seed=1), 3), ("b", params(temperature=0.5, seed=7), 9)]
+    )
+    g_alone = runner_v1.build_plan(alone, sched(b=1)).generator(0)
+    g_batched = runner_v1.build_plan(batched, sched(x=4, b=1)).generator(1)
+    assert torch.equal(draw(g_alone), draw(g_batched))
+    # A prefill chunked differently reaches the same position at its sampling step.
+    chunked = fake_v1_runner([("b", params(temperature=0.5, seed=7), 6)])
+    assert torch.equal(
+        draw(runner_v1.build_plan(chunked, sched(b=4)).generator(0)),
+        draw(seeded_generator(7, 10)),
+    )
+    next_step = runner_v1.build_plan(
+        fake_v1_runner([("b", params(temperature=0.5, seed=7), 10)]), sched(b=1)
+    )
+    assert not torch.equal(draw(next_step.generator(0)), draw(seeded_generator(7, 10)))
 
 
 def test_v1_spec_decode_is_dense():
-    runner = fake_v1_runner([("a", params(temperature=0.0), None)], spec=object())
+    runner = fake_v1_runner([("a", params(temperature=0.0), 0)], spec=object())
     plan = runner_v1.build_plan(runner)
     assert plan.all_dense_reason == "speculative decoding"
 
@@ -177,11 +213,12 @@ def test_v1_execute_model_wrapper_plans_after_batch_update():
     def execute_model(scheduler_output, intermediate_tensors=None):
         # vLLM updates the batch inside execute_model, before computing logits.
         runner.input_batch.req_ids.append("x")
+        runner.input_batch.num_computed_tokens_cpu = np.array([0])
         runner.requests["x"] = types.SimpleNamespace(sampling_params=params(temperature=0.0))
         seen["plan"] = plan_for_rows(1)[0]
         return "out"
 
-    assert runner_v1.execute_model(execute_model, runner, ("sched",), {}) == "out"
+    assert runner_v1.execute_model(execute_model, runner, (sched(x=3),), {}) == "out"
     assert seen["plan"].decisions[0].kind is RowKind.GREEDY
     assert current_plan() is None
 
@@ -246,7 +283,6 @@ def test_v2_seeded_generator_repeats_and_moves_with_position():
     a = runner_v2.build_plan(runner, v2_batch([0], [4], [1])).generator(0)
     b = runner_v2.build_plan(runner, v2_batch([0], [4], [1])).generator(0)
     c = runner_v2.build_plan(runner, v2_batch([0], [5], [1])).generator(0)
-    draw = lambda g: torch.rand(4, generator=g)  # noqa: E731
     ra, rb, rc = draw(a), draw(b), draw(c)
     assert torch.equal(ra, rb)
     assert not torch.equal(ra, rc)

@@ -103,6 +103,22 @@ def greedy_plan(num_rows: int, source: str = "") -> StepPlan:
     return StepPlan(decisions=[RowDecision(RowKind.GREEDY)] * num_rows, source=source)
 
 
+_MASK63 = (1 << 63) - 1
+
+
+def seeded_generator(seed: int, position: int) -> torch.Generator:
+    """FlashHead's own generator for a seeded request at one sequence position.
+
+    FlashHead never draws from vLLM's per-request generators: whether the head draws noise at
+    all can depend on the batch (the dispatcher serves some batches densely), so sharing vLLM's
+    stream would make a seeded request's tokens depend on what it was batched with. A stream
+    keyed by (seed, position) repeats exactly and leaves vLLM's own sampling untouched.
+    """
+    gen = torch.Generator()
+    gen.manual_seed((int(seed) * 1_000_003 + int(position)) & _MASK63)
+    return gen
+
+
 PlanSource = Callable[[], StepPlan]
 
 _current: contextvars.ContextVar[_LazyPlan | None] = contextvars.ContextVar(

@@ -3,7 +3,8 @@
 They open a step plan (``flashhead.handlers.plan``) around the runner calls that compute logits:
 
 - ``execute_model``: one row per scheduled request, in ``input_batch.req_ids`` order; decisions
-  from each request's ``SamplingParams`` and seeds from ``input_batch.generators``;
+  from each request's ``SamplingParams``; a seeded request's FlashHead noise comes from
+  ``plan.seeded_generator(seed, position)`` (never from vLLM's own generator, see there);
 - ``_get_prompt_logprobs_dict``: all dense (prompt logprobs must be exact);
 - ``_dummy_sampler_run``: all greedy FlashHead, so warm-up and memory profiling exercise it.
 
@@ -14,27 +15,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashhead.handlers.plan import StepPlan, classify, dense_plan, greedy_plan, plan_scope
+import torch
+
+from flashhead.handlers.plan import (
+    RowKind,
+    StepPlan,
+    classify,
+    dense_plan,
+    greedy_plan,
+    plan_scope,
+    seeded_generator,
+)
 
 
-def build_plan(runner: Any) -> StepPlan:
+def build_plan(runner: Any, scheduler_output: Any = None) -> StepPlan:
     """Plan for the logits of the runner's current batch (one row per request)."""
     if getattr(runner, "speculative_config", None) is not None:
         return dense_plan("speculative decoding", source="v1")
     batch = runner.input_batch
     requests = runner.requests
-    generators = batch.generators
+    scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
     decisions = []
-    row_generators = []
+    generators: list[torch.Generator | None] = []
     for index, req_id in enumerate(batch.req_ids):
-        state = requests.get(req_id)
-        decisions.append(classify(getattr(state, "sampling_params", None)))
-        row_generators.append(generators.get(index))
-    return StepPlan(decisions=decisions, generators=row_generators, source="v1")
+        params = getattr(requests.get(req_id), "sampling_params", None)
+        decision = classify(params)
+        decisions.append(decision)
+        seed = getattr(params, "seed", None)
+        if decision.kind is RowKind.SAMPLED and seed is not None:
+            # Position after this step: prompt length + tokens sampled so far, whatever the
+            # chunking or batching.
+            position = int(batch.num_computed_tokens_cpu[index]) + int(scheduled.get(req_id, 0))
+            generators.append(seeded_generator(seed, position))
+        else:
+            generators.append(None)
+    return StepPlan(decisions=decisions, generators=generators, source="v1")
 
 
 def execute_model(wrapped, instance, args, kwargs):
-    with plan_scope(lambda: build_plan(instance)):
+    scheduler_output = args[0] if args else kwargs.get("scheduler_output")
+    with plan_scope(lambda: build_plan(instance, scheduler_output)):
         return wrapped(*args, **kwargs)
 
 

@@ -4,9 +4,9 @@ V2 keeps no ``SamplingParams`` after admission: its ``Sampler.add_request(req_id
 spreads them over per-slot state arrays. ``sampler_add_request`` records FlashHead's decision
 per request slot on the sampler; ``sample`` opens the step plan from the batch's slot mapping.
 
-Seeds: V2 samples with a counter-based Gumbel kernel keyed by (seed, position), not with
-``torch.Generator`` objects. For a seeded request FlashHead derives a generator from the same
-pair, so a seeded request repeats exactly; unseeded requests use the global torch RNG.
+Seeds: as on V1, a seeded request's FlashHead noise comes from a generator keyed by (seed,
+position) (``plan.seeded_generator``), so it repeats exactly; unseeded requests use the global
+torch RNG.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from flashhead.handlers.plan import (
     dense_plan,
     greedy_plan,
     plan_scope,
+    seeded_generator,
 )
 
 _TABLE_ATTR = "_flashhead_rows"
-_MASK64 = (1 << 63) - 1
 
 
 def _table(sampler: Any) -> dict[int, tuple[RowDecision, int | None]]:
@@ -45,13 +45,6 @@ def sampler_add_request(wrapped, instance, args, kwargs):
     seed = getattr(params, "seed", None)
     _table(instance)[int(req_idx)] = (classify(params), None if seed is None else int(seed))
     return result
-
-
-def seeded_generator(seed: int, position: int) -> torch.Generator:
-    """A generator that depends only on (seed, position): the same step draws the same noise."""
-    gen = torch.Generator()
-    gen.manual_seed((seed * 1_000_003 + position) & _MASK64)
-    return gen
 
 
 def build_plan(runner: Any, input_batch: Any) -> StepPlan:

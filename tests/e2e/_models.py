@@ -1,9 +1,9 @@
-"""Models for the e2e tests: tiny local Llama / Qwen3 FlashHead models built here, and the real
-SmolLM2-135M-Instruct FlashHead folder (made from the GGUF shipped on PyPI if missing)."""
+"""Model folders for the e2e tests: FlashHead conversion of the tiny models
+(``helpers.tiny_models``), probe-count variants, and the real SmolLM2-135M-Instruct FlashHead
+folder (made from the GGUF shipped on PyPI if missing)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -25,62 +25,6 @@ def _run(cmd: list[str], what: str) -> None:
         raise RuntimeError(
             f"{what} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
         )
-
-
-def build_tiny_base(kind: str, out: Path, seed: int = 0) -> Path:
-    """A 2-layer model with a byte-level BPE tokenizer trained on the standard library's
-    sources (a real tokenizer, no download). ``kind``: llama | qwen3."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:60]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train(
-        files,
-        trainers.BpeTrainer(
-            vocab_size=4096,
-            special_tokens=["<|bos|>", "<|eos|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    )
-    fast.save_pretrained(out)
-    # head_dim 64: the CPU attention kernels support 32..256, not 16.
-    common = dict(
-        vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    if kind == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif kind == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=64, **common))
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.to(torch.float32).save_pretrained(out)
-    return out
 
 
 def convert(src: Path, out: Path, *extra: str) -> Path:

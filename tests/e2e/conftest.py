@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from helpers.tiny_models import cached_tiny_model
 
 from e2e import _models
+
+TEST_MODEL_CACHE = os.environ.get("FLASHHEAD_TEST_CACHE") or str(
+    Path.home() / ".cache" / "flashhead" / "test-models"
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny Llama and Qwen3 FlashHead models (default probes and all-clusters copies) plus
-    their plain base folders."""
+    """Tiny random-weight Llama and Qwen3 FlashHead models built here (default probes, and an
+    all-clusters copy), from the shared tiny-model builder's cached base folders."""
     root = tmp_path_factory.mktemp("tiny-models")
     out: dict[str, Path] = {}
-    for kind, seed in (("llama", 0), ("qwen3", 1)):
-        base = _models.build_tiny_base(kind, root / f"{kind}-base", seed=seed)
-        fh = _models.convert(base, root / f"{kind}-fh")
-        out[f"{kind}-base"] = base
-        out[f"{kind}-fh"] = fh
-        out[f"{kind}-fh-all"] = _models.with_probes(fh, root / f"{kind}-fh-all", None)
+    for arch, seed in (("llama", 0), ("qwen3", 1)):
+        base = cached_tiny_model(
+            TEST_MODEL_CACHE, arch=arch, vocab_size=32000, hidden=128, layers=2, seed=seed
+        )
+        fh = _models.convert(base, root / f"{arch}-fh")
+        out[f"{arch}-fh"] = fh
+        out[f"{arch}-fh-all"] = _models.with_probes(fh, root / f"{arch}-fh-all", None)
     return out
 
 
