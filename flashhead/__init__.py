@@ -18,6 +18,8 @@ def register() -> None:
     except Exception as exc:  # pragma: no cover - a broken install must not take vLLM down
         import logging
 
-        logging.getLogger("flashhead").error("flashhead: plugin import failed, vLLM runs stock: %r", exc)
+        logging.getLogger("flashhead").error(
+            "flashhead: plugin import failed, vLLM runs stock: %r", exc
+        )
         return
     _register()

@@ -13,7 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("flashhead.commands.doctor", "what flashhead would do in this environment, and why"),
     "patchsets": ("flashhead.commands.patchsets", "maintainers' tools: check, new, table"),
     "bench": ("flashhead.commands.bench", "dense head vs FlashHead timing"),
-    "convert": ("flashhead.commands.convert", "make a FlashHead model from a Hugging Face or GGUF model"),
+    "convert": (
+        "flashhead.commands.convert",
+        "make a FlashHead model from a Hugging Face or GGUF model",
+    ),
     "eval": ("flashhead.commands.eval", "FlashHead vs dense head agreement on real text"),
 }
 
