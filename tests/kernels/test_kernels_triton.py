@@ -87,7 +87,7 @@ def test_dot_blocks_respect_min_k(monkeypatch):
     """Every tl.dot launch must use K >= 16 (NVIDIA's minimum), even for tiny hidden sizes."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for n_rows, c, d in [(1, 4, 8), (3, 16, 16), (40, 8016, 2048)]:
-        block_b, block_c, block_d, _ = triton_ops._probe_blocks(n_rows, c, d)
+        block_b, block_c, block_d = triton_ops._probe_blocks(n_rows, c, d)[:3]
         assert min(block_b, block_c, block_d) >= triton_ops.MIN_DOT_K
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert min(triton_ops._probe_blocks(1, 4, 8)[:3]) >= triton_ops.MIN_DOT_K
@@ -110,6 +110,7 @@ def test_select_probes_matches_reference_with_ties(device, c, p, n_special):
     keys[0, : c // 2] = keys[0, 0]  # a big tie at (or around) the threshold
     keys[1] = torch.round(keys[1] * 2) / 2  # many ties everywhere
     keys[2, 5] = -keys[2, 5].abs() - 1e-30  # tiny negative and mixed signs
+    keys[2, :9] = torch.tensor([3e38, -3e38, 1e-38, -1e-38, 1e30, -1e30, 7.0, -7.0, 0.5])
     want = reference.select_probes(keys, p, n_special)
     got = triton_ops.select_probes(keys.to(device), p, n_special).cpu()
     assert torch.equal(got, want)
