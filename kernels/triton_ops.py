@@ -180,31 +180,21 @@ def _select_kernel(
     valid = rc < C
     x = tl.load(keys_ptr + b * stride_k + rc, mask=valid, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
-    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    u = tl.where(valid, u, -4294967296)  # below every valid key
-    lo = tl.min(tl.where(valid, u, 4294967296), axis=0)  # count(u >= lo) >= P
-    hi = tl.max(u, axis=0)
-    # Quaternary search: 3 thresholds per step, their counts packed into one int64 sum (21 bits
-    # each): 18 block-wide reductions instead of 32 (the range shrinks to about a quarter plus
-    # one per step: 2^32 -> 1 in 17). Invariant: count(u >= lo) >= P > count(u >= hi + 1).
-    for _ in range(18):
-        step = (hi - lo + 3) >> 2
-        t1 = lo + step
-        t2 = lo + 2 * step
-        t3 = lo + 3 * step
-        packed = (
-            (u >= t1).to(tl.int64) + ((u >= t2).to(tl.int64) << 21) + ((u >= t3).to(tl.int64) << 42)
-        )
-        total = tl.sum(packed, axis=0)
-        c1 = total & 2097151
-        c2 = (total >> 21) & 2097151
-        c3 = total >> 42
-        new_lo = tl.where(c3 >= P, t3, tl.where(c2 >= P, t2, tl.where(c1 >= P, t1, lo)))
-        new_hi = tl.where(c3 >= P, hi, tl.where(c2 >= P, t3 - 1, tl.where(c1 >= P, t2 - 1, t1 - 1)))
-        lo = tl.minimum(new_lo, hi)
-        hi = tl.maximum(new_hi, lo)
+    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like the floats
+    # Padding below every real key (only a NaN pattern maps to INT32_MIN).
+    u = tl.where(valid, u, -2147483647 - 1)
+    # Bisection for T = the largest t with count(u >= t) >= P, over [min, max] of the row's keys
+    # (int64 scalars so that mid never overflows; every mid lies in that int32 range).
+    lo = tl.min(tl.where(valid, u, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(u, axis=0).to(tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((u >= mid.to(tl.int32)).to(tl.int32), axis=0) >= P
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    lo = lo.to(tl.int32)
     above = u > lo
-    tied = u == lo
+    tied = (u == lo) & valid
     room = P - tl.sum(above.to(tl.int32), axis=0)
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
     pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
@@ -213,7 +203,7 @@ def _select_kernel(
     tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
 
 
-MAX_SELECT_BLOCK = 1 << 16  # keys per row held in one program's registers (< 2^21: packed counts)
+MAX_SELECT_BLOCK = 1 << 16  # keys per row held in one program's registers
 
 
 def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:
