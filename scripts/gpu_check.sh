@@ -80,13 +80,13 @@ def sweep(var, configs, fn, key):
 
 
 s1 = sweep("FLASHHEAD_TRITON_S1",
-           ["16,32,256,4,4", "16,32,2048,8,1", "16,16,2048,8,1", "16,32,1024,8,2", "16,16,1024,4,2", "16,64,512,8,3"],
+           ["16,32,256,4,4", "16,32,256,8,4", "16,32,512,4,3", "16,32,128,4,6"],
            lambda B: triton_ops.probe_keys(hs[B], ix.cent_q, ix.cent_scale), "s1")
 s2 = sweep("FLASHHEAD_TRITON_S2",
-           ["4,1024,4,2", "4,2048,8,1", "2,2048,4,1", "8,2048,8,1", "8,256,4,4", "16,2048,8,1", "4,1024,8,2"],
+           ["4,1024,4,2", "4,1024,4,3", "4,512,4,3", "2,1024,4,2"],
            lambda B: triton_ops.candidate_scores(hs[B], ix, probes[B], want_scores=False, buffers=head._buffers), "s2")
 keys8 = {B: triton_ops.probe_keys(hs[B], ix.cent_q, ix.cent_scale) for B in (1, 8)}
-sel = sweep("FLASHHEAD_TRITON_SEL", ["1", "2", "4", "8"], lambda B: triton_ops.select_probes(keys8[B], 256), "sel")
+sel = sweep("FLASHHEAD_TRITON_SEL", ["4", "8", "16"], lambda B: triton_ops.select_probes(keys8[B], 256), "sel")
 res["best"] = {"FLASHHEAD_TRITON_S1": s1, "FLASHHEAD_TRITON_S2": s2, "FLASHHEAD_TRITON_SEL": sel}
 for var, val in res["best"].items():
     if val:
