@@ -99,6 +99,24 @@ class TestDefaultProbes:
                 for tok in la:
                     assert la[tok] == pytest.approx(lb[tok], abs=2e-3)
 
+    def test_dense_row_features_match_dense(self, default_probe_servers):
+        """logit_bias, allowed_token_ids, bad_words and structured output rows are served by
+        vLLM's own logits: token for token what the dense server returns."""
+        fh, dense = default_probe_servers
+        forced = dense.complete(PROMPTS[0], max_tokens=1, temperature=0.0)["choices"][0]
+        allowed = [int(forced["token_ids"][0]), 13, 1000, 2000]
+        cases = [
+            dict(logit_bias={"1000": 100.0}),
+            dict(allowed_token_ids=allowed),
+            dict(bad_words=[" Paris", " the"]),
+            dict(structured_outputs={"choice": ["yes", "no", "maybe"]}),
+        ]
+        for extra in cases:
+            a = fh.complete(PROMPTS[0], max_tokens=6, temperature=0.0, **extra)["choices"][0]
+            b = dense.complete(PROMPTS[0], max_tokens=6, temperature=0.0, **extra)["choices"][0]
+            assert a["token_ids"] == b["token_ids"], extra
+        assert a["text"] in ("yes", "no", "maybe")
+
     def test_mixed_load_32_concurrent(self, default_probe_servers, smollm2_fh):
         fh, _ = default_probe_servers
         vocab = _vocab(smollm2_fh)
