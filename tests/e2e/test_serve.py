@@ -117,6 +117,17 @@ class TestDefaultProbes:
             assert a["token_ids"] == b["token_ids"], extra
         assert a["text"] in ("yes", "no", "maybe")
 
+    def test_prompt_logprobs_are_exact(self, default_probe_servers):
+        fh, dense = default_probe_servers
+        a = fh.complete(PROMPTS[1], max_tokens=1, temperature=0.0, prompt_logprobs=2)
+        b = dense.complete(PROMPTS[1], max_tokens=1, temperature=0.0, prompt_logprobs=2)
+        pa, pb = a["choices"][0]["prompt_logprobs"], b["choices"][0]["prompt_logprobs"]
+        assert len(pa) == len(pb) > 1
+        for sa, sb in zip(pa[1:], pb[1:]):  # position 0 has no logprobs
+            assert sa.keys() == sb.keys()
+            for tok in sa:
+                assert sa[tok]["logprob"] == pytest.approx(sb[tok]["logprob"], abs=2e-3)
+
     def test_mixed_load_32_concurrent(self, default_probe_servers, smollm2_fh):
         fh, _ = default_probe_servers
         vocab = _vocab(smollm2_fh)
