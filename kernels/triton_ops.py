@@ -3,7 +3,7 @@
 - `_probe_keys_kernel`: stage 1 (int8 centroids, fp32 accumulate, per-centroid scale) fused with
   the Gumbel perturbation of sampled rows, so selection reads finished keys. Top-p selection
   itself is `_select_kernel` (one program per row; a global top-p needs all keys anyway).
-- `_select_kernel`: exact top-p per row by a 5-way search on order-preserving integer keys, ties to
+- `_select_kernel`: exact top-p per row by bisection on order-preserving integer keys, ties to
   the smallest cluster id, written in ascending cluster order plus the special clusters.
 - `_candidates_kernel`: stage 2 fused with the argmax / Gumbel-max pick. Each program scores
   `CPB` probed clusters of one row (gathered straight from the cluster-major copy), masks
@@ -169,16 +169,11 @@ def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
 
 
 @triton.jit
-def _add_pairs(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def _select_kernel(
     keys_ptr, out_ptr, C, P, N_SPECIAL, stride_k, stride_o,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    # One program per row: search order-preserving integer keys for the p-th largest value,
+    # One program per row: bisect on order-preserving integer keys for the p-th largest value,
     # then keep everything above it and the first tied ones, compacted in ascending cluster order.
     b = tl.program_id(0)
     rc = tl.arange(0, BLOCK)
@@ -188,35 +183,15 @@ def _select_kernel(
     u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like the floats
     # Padding below every real key (only a NaN pattern maps to INT32_MIN).
     u = tl.where(valid, u, -2147483647 - 1)
-    # Search for T = the largest t with count(u >= t) >= P over [min, max] of the row's keys,
-    # 5-way: 4 thresholds per step, their counts packed two per int32 (16 bits each, C < 2^15)
-    # and summed in one tuple reduction, so 16 block-wide reductions instead of 32 bisection
-    # steps. Invariant: count(u >= lo) >= P > count(u >= hi + 1). int64 scalars: no overflow.
+    # Bisection for T = the largest t with count(u >= t) >= P, over [min, max] of the row's keys
+    # (int64 scalars so that mid never overflows; every mid lies in that int32 range).
     lo = tl.min(tl.where(valid, u, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(u, axis=0).to(tl.int64)
-    for _ in range(16):
-        step = (hi - lo + 4) // 5
-        t1 = lo + step
-        t2 = t1 + step
-        t3 = t2 + step
-        t4 = t3 + step
-        ab = (u >= tl.minimum(t1, 2147483647).to(tl.int32)).to(tl.int32) + (
-            (u >= tl.minimum(t2, 2147483647).to(tl.int32)).to(tl.int32) << 16
-        )
-        cd = (u >= tl.minimum(t3, 2147483647).to(tl.int32)).to(tl.int32) + (
-            (u >= tl.minimum(t4, 2147483647).to(tl.int32)).to(tl.int32) << 16
-        )
-        sab, scd = tl.reduce((ab, cd), 0, _add_pairs)
-        ok1 = (sab & 65535) >= P
-        ok2 = (sab >> 16) >= P
-        ok3 = (scd & 65535) >= P
-        ok4 = (scd >> 16) >= P
-        new_lo = tl.where(ok4, t4, tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo))))
-        new_hi = tl.where(
-            ok4, hi, tl.where(ok3, t4 - 1, tl.where(ok2, t3 - 1, tl.where(ok1, t2 - 1, t1 - 1)))
-        )
-        lo = new_lo
-        hi = tl.minimum(new_hi, hi)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((u >= mid.to(tl.int32)).to(tl.int32), axis=0) >= P
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
     lo = lo.to(tl.int32)
     above = u > lo
     tied = (u == lo) & valid
@@ -228,7 +203,7 @@ def _select_kernel(
     tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
 
 
-MAX_SELECT_CLUSTERS = (1 << 15) - 1  # counts are packed in 16-bit fields of an int32
+MAX_SELECT_CLUSTERS = 1 << 16  # keys per row held in one program's registers
 
 
 def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:
