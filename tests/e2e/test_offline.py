@@ -44,8 +44,12 @@ def runs(tiny_models, tmp_path_factory):
         results[f"{kind}-all"] = run_offline(
             tiny_models[f"{kind}-fh-all"], out / f"{kind}-all.json"
         )
+        # The dense references run in one process (faster start); FlashHead runs use vLLM's
+        # default multiprocess layout (API/engine/worker), like a user's script.
         results[f"{kind}-dense"] = run_offline(
-            tiny_models[f"{kind}-fh"], out / f"{kind}-dense.json", {"FLASHHEAD_ENABLED": "0"}
+            tiny_models[f"{kind}-fh"],
+            out / f"{kind}-dense.json",
+            {"FLASHHEAD_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         )
     results["llama-default"] = run_offline(tiny_models["llama-fh"], out / "llama-default.json")
     return results
