@@ -21,6 +21,10 @@ def _special_tokens(text: str) -> list[int] | None:
         ) from None
 
 
+def _probes(text: str) -> int | None:
+    return None if text.strip().lower() == "auto" else _positive(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -45,15 +49,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--cluster-size", type=_positive, default=16, help="tokens per cluster (16)")
     p.add_argument(
         "--probes",
-        type=_positive,
+        type=_probes,
         default=None,
-        help="n_probes written to config.json (default: clusters // 16)",
+        help="n_probes written to config.json; 'auto' (default with --centroids fit): the "
+        "smallest p reaching --target-agreement on held-out calibration text, x1.25; "
+        "otherwise clusters // 16",
     )
     p.add_argument(
         "--centroids",
-        choices=("mean", "normalized"),
-        default="mean",
-        help="centroid scored in stage 1: mean of the member rows, or its unit direction",
+        choices=("fit", "mean", "normalized"),
+        default="fit",
+        help="stage 1 centroids: fit (default; least-squares fit of each cluster's best logit "
+        "over hidden states sampled from text, needs transformers), mean of the member rows, "
+        "or its unit direction (upstream)",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=_positive,
+        default=8192,
+        help="hidden states sampled for --centroids fit (8192)",
+    )
+    p.add_argument(
+        "--calibration-text",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text for sampling hidden states (default: Python's pydoc topics, "
+        "the half `flashhead eval` does not use)",
+    )
+    p.add_argument(
+        "--target-agreement",
+        type=float,
+        default=99.5,
+        metavar="PCT",
+        help="top-1 agreement (percent) that --probes auto aims at (99.5)",
     )
     p.add_argument("--seed", type=int, default=0, help="clustering seed (deterministic)")
     p.add_argument("--iterations", type=_positive, default=8, help="k-means iterations (8)")
@@ -78,11 +106,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from flashhead.convert import ConvertError, ConvertOptions, convert
+    from flashhead.convert.texts import read_text
 
+    if not 50.0 <= args.target_agreement < 100.0:
+        print(
+            f"flashhead convert: error: --target-agreement {args.target_agreement}: expected a "
+            "percentage in [50, 100)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        text = read_text(args.calibration_text, "calibration") if args.calibration_text else None
+    except ValueError as exc:
+        print(f"flashhead convert: error: --calibration-text: {exc}", file=sys.stderr)
+        return 2
     opts = ConvertOptions(
         cluster_size=args.cluster_size,
         probes=args.probes,
         centroids=args.centroids,
+        calibration_tokens=args.calibration_tokens,
+        calibration_text=text,
+        target_agreement=args.target_agreement / 100.0,
         seed=args.seed,
         iterations=args.iterations,
         special_tokens=args.special_tokens,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flashhead.assets import write_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
+from flashhead.convert.fit import choose_probes, fit_centroids, sample_calibration
 from flashhead.convert.source import (
     ConvertError,
     SourceModel,
@@ -31,8 +32,12 @@ CACHE_DIR = "flash_head_cache"
 @dataclass
 class ConvertOptions:
     cluster_size: int = 16
-    probes: int | None = None  # None: n_clusters // 16 (upstream's default)
-    centroids: str = "mean"  # mean | normalized
+    probes: int | None = None  # None: auto with --centroids fit, else n_clusters // 16
+    centroids: str = "fit"  # fit | mean | normalized (see flashhead.convert.fit)
+    calibration_tokens: int = 8192  # hidden states the fit uses (--centroids fit)
+    check_tokens: int = 2048  # further held-out hidden states that choose the probes
+    calibration_text: str | None = None  # None: the stdlib calibration text
+    target_agreement: float = 0.995  # --probes auto: top-1 agreement to reach
     seed: int = 0
     iterations: int = 8
     special_tokens: Sequence[int] | None = None  # None: the tokenizer's special/eos/bos ids
@@ -128,6 +133,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
             f"{opts.cluster_size}. Fix: pick a cluster size that divides {vocab}"
         )
     n_clusters = vocab // opts.cluster_size
+    if opts.centroids not in ("fit", "mean", "normalized"):
+        raise ConvertError(f"--centroids {opts.centroids!r}: expected fit, mean or normalized")
+    auto_probes = opts.probes is None and opts.centroids == "fit"
     n_probes = opts.probes if opts.probes is not None else max(1, n_clusters // 16)
     if not 1 <= n_probes <= n_clusters:
         raise ConvertError(f"--probes {n_probes}: expected 1..{n_clusters} (number of clusters)")
@@ -143,7 +151,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         )
     _log(
         f"{source.architecture}: V={vocab}, d={hidden}, {n_clusters} clusters of "
-        f"{opts.cluster_size}, {n_probes} probes",
+        f"{opts.cluster_size}, centroids: {opts.centroids}, probes: "
+        f"{'auto' if auto_probes else n_probes}",
         opts.progress,
     )
 
@@ -157,7 +166,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         progress=opts.progress,
     )
     assignments = balanced_kmeans(w32, kmeans)
-    centroids = centroids_for(w32, assignments, opts.centroids)
     seconds["cluster"] = time.monotonic() - t1
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +175,37 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         t2 = time.monotonic()
         source.materialize(tmp)
         arch = _write_config(source, tmp, opts.extra_config)
+        seconds["write"] = time.monotonic() - t2
+        if opts.centroids == "fit":
+            t3 = time.monotonic()
+            # The written folder is a plain HF model (bf16): faster to run than a GGUF one.
+            model_dir = src if source.kind == "hf" else tmp
+            h = sample_calibration(
+                model_dir,
+                opts.calibration_tokens + (opts.check_tokens if auto_probes else 0),
+                text=opts.calibration_text,
+                progress=opts.progress,
+            )
+            h_fit, h_check = h[: opts.calibration_tokens], h[opts.calibration_tokens :]
+            centroids = fit_centroids(h_fit, w32, assignments)
+            if auto_probes:
+                if h_check.shape[0] < 256:
+                    raise ConvertError(
+                        "the calibration text is too short to choose --probes "
+                        f"({h.shape[0]} tokens). Fix: pass a longer text or set --probes"
+                    )
+                n_probes = choose_probes(
+                    w32, centroids, assignments, specials, h_check, opts.target_agreement
+                )
+                _log(
+                    f"n_probes {n_probes}: top-1 agreement >= {100 * opts.target_agreement:g}% "
+                    f"on held-out calibration text (x1.25 margin)",
+                    opts.progress,
+                )
+            seconds["fit"] = time.monotonic() - t3
+        else:
+            centroids = centroids_for(w32, assignments, opts.centroids)
+        t4 = time.monotonic()
         write_assets(
             tmp,
             centroids,
@@ -177,7 +216,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         )
         _fix_file_modes(tmp)
         _swap_into_place(tmp, out)
-        seconds["write"] = time.monotonic() - t2
+        seconds["write"] += time.monotonic() - t4
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,9 +1,9 @@
 """Balanced spherical k-means: every cluster gets exactly `cluster_size` rows.
 
 FlashHead's kernels load one contiguous `cluster_size x d` tile per probed cluster, so the balance
-is a hard requirement, not a preference. The assignment step is capacity-constrained: rows propose
-to their nearest centroids in order and each cluster keeps the best-scoring `cluster_size`
-proposals (deferred acceptance, i.e. a stable matching), vectorized in torch.
+is a hard requirement, not a preference. The assignment step is capacity-constrained: per-cluster
+prices balance an argmax assignment (see `balanced_assign`), and the few rows left over go to the
+nearest clusters with room, all vectorized in torch.
 
 Large vocabularies (Gemma-3: 262144 rows, 16384 clusters) make a flat k-means step cost
 V * c * d multiply-adds (~2.7 TFLOP, ~25 s per iteration on 2 cores), so above `flat_max_clusters`
@@ -69,49 +69,112 @@ def _top_candidates(
     return ids, scores
 
 
-def assign_with_capacity(
+def _keep_best(cluster: torch.Tensor, value: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows among the `capacity[c]` highest `value`s of their cluster."""
+    order = torch.argsort(value, descending=True, stable=True)
+    order = order[torch.argsort(cluster[order], stable=True)]
+    sc = cluster[order]
+    counts = torch.bincount(sc, minlength=capacity.numel())
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(sc.numel(), device=cluster.device) - first[sc]
+    keep = torch.empty_like(cluster, dtype=torch.bool)
+    keep[order] = rank < capacity[sc]
+    return keep
+
+
+def _price_balance(
+    ids: torch.Tensor, scores: torch.Tensor, capacity: torch.Tensor, rounds: int
+) -> torch.Tensor:
+    """Per-cluster prices such that rows taking their best candidate by score - price come out
+    nearly balanced (the Lagrangian form of the balanced assignment). Returns the chosen column."""
+    n_clusters = capacity.numel()
+    price = torch.zeros(n_clusters, dtype=torch.float32, device=ids.device)
+    best = torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device)
+    if ids.shape[1] < 2:
+        return best
+    margin = (scores[:, 0] - scores[:, 1]).median()
+    step = float(margin.clamp_min(1e-4)) * 2.0
+    cap = capacity.float()
+    for _ in range(rounds):
+        best = (scores - price[ids]).argmax(dim=1)
+        counts = torch.bincount(ids.gather(1, best[:, None]).squeeze(1), minlength=n_clusters)
+        load = (counts.float() - cap) / cap
+        # Stop once under 1% of the rows sit in overfull clusters; fill_greedy places the rest.
+        if float((counts.float() - cap).clamp_min(0).sum()) < 0.01 * ids.shape[0]:
+            break
+        price += step * load.clamp(-1.0, 1.0)
+        step *= 0.9
+    return best
+
+
+def assign_from_candidates(
+    ids: torch.Tensor, scores: torch.Tensor, capacity: torch.Tensor, price_rounds: int = 30
+) -> torch.Tensor:
+    """Capacity-constrained assignment of rows to their candidate clusters (best first).
+
+    1. Prices balance an argmax assignment for all but a few percent of the rows.
+    2. Overfull clusters keep their best rows by score - price; the evicted rows go to their
+       nearest candidates with room left (`fill_greedy`).
+    Returns [N] cluster per row, -1 where every candidate of a row filled up.
+    """
+    best = _price_balance(ids, scores, capacity, price_rounds)
+    cluster = ids.gather(1, best[:, None]).squeeze(1)
+    value = scores.gather(1, best[:, None]).squeeze(1)
+    assign = torch.where(_keep_best(cluster, value, capacity), cluster, -1)
+    left = torch.nonzero(assign < 0).flatten()
+    if left.numel():
+        free = capacity - torch.bincount(assign[assign >= 0], minlength=capacity.numel())
+        assign[left] = fill_greedy(ids[left], scores[left], free)
+    return assign
+
+
+def fill_greedy(
     cand_ids: torch.Tensor, cand_scores: torch.Tensor, capacity: torch.Tensor
 ) -> torch.Tensor:
-    """Stable matching of rows to clusters: rows propose along their candidate lists (best first),
-    each cluster holds the `capacity[c]` best proposals seen so far and bumps the rest.
+    """Rows take their best candidate with room left; a cluster offered more rows than it has
+    room for takes the best-scoring ones, the others try again with that cluster closed.
 
-    Returns [N] int64 cluster per row, -1 where a row was rejected by all its candidates.
+    Returns [N] cluster per row, -1 where all of a row's candidates filled up. Every round fills
+    a cluster or places every row, so there are at most `capacity.numel() + 1` rounds.
     """
-    n, k = cand_ids.shape
-    device = cand_ids.device
-    assign = torch.full((n,), -1, dtype=torch.int64, device=device)
-    held_score = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
-    ptr = torch.zeros(n, dtype=torch.int64, device=device)
-    rows = torch.arange(n, device=device)
-    for _ in range(n * k + 1):  # each round advances at least one pointer; this bound is never hit
-        active = (assign < 0) & (ptr < k)
-        if not bool(active.any()):
+    n = cand_ids.shape[0]
+    assign = torch.full((n,), -1, dtype=torch.int64, device=cand_ids.device)
+    free = capacity.clone()
+    pending = torch.arange(n, device=cand_ids.device)
+    while pending.numel():
+        ids, scores = cand_ids[pending], cand_scores[pending]
+        scores = scores.masked_fill(free[ids] <= 0, -math.inf)
+        best = scores.argmax(dim=1)
+        value = scores.gather(1, best[:, None]).squeeze(1)
+        alive = value > -math.inf
+        pending, ids, best, value = pending[alive], ids[alive], best[alive], value[alive]
+        if pending.numel() == 0:
             break
-        a = rows[active]
-        prop_c = cand_ids[a, ptr[a]]
-        prop_s = cand_scores[a, ptr[a]]
-        ptr[a] += 1
-        # Only clusters that received proposals can change who they hold.
-        touched = torch.zeros(capacity.numel(), dtype=torch.bool, device=device)
-        touched[prop_c] = True
-        held = rows[(assign >= 0) & touched[assign.clamp_min(0)]]
-        pool_r = torch.cat([held, a])
-        pool_c = torch.cat([assign[held], prop_c])
-        pool_s = torch.cat([held_score[held], prop_s])
-        # Order by (cluster asc, score desc, row asc) with two stable sorts, then rank per cluster.
-        order = torch.argsort(pool_s, descending=True, stable=True)
-        order = order[torch.argsort(pool_c[order], stable=True)]
-        sc = pool_c[order]
-        counts = torch.bincount(sc, minlength=capacity.numel())
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(sc.numel(), device=device) - first[sc]
-        keep = rank < capacity[sc]
-        kept_r, kept_c, kept_s = pool_r[order][keep], sc[keep], pool_s[order][keep]
-        assign[pool_r] = -1
-        held_score[pool_r] = -math.inf
-        assign[kept_r] = kept_c
-        held_score[kept_r] = kept_s
+        cluster = ids.gather(1, best[:, None]).squeeze(1)
+        keep = _keep_best(cluster, value, free)
+        assign[pending[keep]] = cluster[keep]
+        free -= torch.bincount(cluster[keep], minlength=free.numel())
+        pending = pending[~keep]
     return assign
+
+
+def _place_leftovers(
+    x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, capacity: torch.Tensor, k: int
+) -> None:
+    """Rows whose candidates all filled up go to the nearest clusters that still have room.
+    Each pass fills at least one cluster or places every row, so this terminates."""
+    while True:
+        left = torch.nonzero(assign < 0).flatten()
+        if left.numel() == 0:
+            return
+        free = capacity - torch.bincount(assign[assign >= 0], minlength=capacity.numel())
+        open_ids = torch.nonzero(free > 0).flatten()
+        sub_ids, sub_scores = _top_candidates(
+            x[left], centroids[open_ids], min(k, open_ids.numel())
+        )
+        sub = fill_greedy(sub_ids, sub_scores, free[open_ids])
+        placed = sub >= 0
+        assign[left[placed]] = open_ids[sub[placed]]
 
 
 def balanced_assign(
@@ -123,20 +186,9 @@ def balanced_assign(
         raise ValueError(f"{x.shape[0]} rows do not split into {n_clusters} x {cluster_size}")
     ids, scores = _top_candidates(x, centroids, candidates)
     capacity = torch.full((n_clusters,), cluster_size, dtype=torch.int64, device=x.device)
-    assign = assign_with_capacity(ids, scores, capacity)
-    # Rows every candidate turned down go to the clusters that still have room, nearest first.
-    # Each pass fills at least one cluster or places at least one row, so this terminates.
-    while True:
-        left = torch.nonzero(assign < 0).flatten()
-        if left.numel() == 0:
-            return assign
-        free = capacity - torch.bincount(assign[assign >= 0], minlength=n_clusters)
-        open_ids = torch.nonzero(free > 0).flatten()
-        k = min(max(candidates, 32), open_ids.numel())
-        sub_ids, sub_scores = _top_candidates(x[left], centroids[open_ids], k)
-        sub = assign_with_capacity(sub_ids, sub_scores, free[open_ids])
-        placed = sub >= 0
-        assign[left[placed]] = open_ids[sub[placed]]
+    assign = assign_from_candidates(ids, scores, capacity)
+    _place_leftovers(x, centroids, assign, capacity, max(candidates, 32))
+    return assign
 
 
 def _centroid_sums(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
@@ -145,30 +197,69 @@ def _centroid_sums(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> to
     return sums
 
 
-def _kmeans_level(
+def _random_rows(n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)[:k].to(device)
+
+
+def _kmeans_flat(
+    x: torch.Tensor, cluster_size: int, opts: KMeansOptions, generator: torch.Generator, bar
+) -> torch.Tensor:
+    """Balanced spherical k-means on unit rows x; returns [N] cluster ids."""
+    n = x.shape[0]
+    n_clusters = n // cluster_size
+    centroids = x[_random_rows(n, n_clusters, generator, x.device)].float()
+    assign = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for _ in range(opts.iterations):
+        assign = balanced_assign(x, centroids, cluster_size, opts.candidates)
+        centroids = _normalize(_centroid_sums(x, assign, n_clusters))
+        bar()
+    return assign
+
+
+def _kmeans_within_groups(
     x: torch.Tensor,
+    group_of: torch.Tensor,
+    groups: int,
     cluster_size: int,
     opts: KMeansOptions,
     generator: torch.Generator,
-    bar: Progress | None,
-    work_per_iter: float,
+    bar,
 ) -> torch.Tensor:
-    """Flat balanced spherical k-means on unit rows x; returns [N] cluster ids."""
-    n = x.shape[0]
-    n_clusters = n // cluster_size
-    if n_clusters == 1:
-        if bar:
-            bar.update(work_per_iter * opts.iterations)
-        return torch.zeros(n, dtype=torch.int64, device=x.device)
-    init = torch.randperm(n, generator=generator)[:n_clusters].to(x.device)
-    centroids = x[init].float()
+    """Balanced k-means run in every (equal-size) group at once: rows only see their own group's
+    centroids, so one batched GEMM scores all groups and one assignment balances them all."""
+    n, d = x.shape
+    per_group = n // groups // cluster_size  # clusters per group
+    order = torch.argsort(group_of, stable=True)
+    xg = x[order].view(groups, n // groups, d)
+    first = torch.stack(
+        [_random_rows(n // groups, per_group, generator, x.device) for _ in range(groups)]
+    )
+    centroids = torch.gather(xg, 1, first[:, :, None].expand(-1, -1, d)).float()
+    offset = (torch.arange(groups, device=x.device) * per_group)[:, None, None]
+    capacity = torch.full((groups * per_group,), cluster_size, dtype=torch.int64, device=x.device)
+    k = min(per_group, max(opts.candidates, 32))
+    dtype = _score_dtype(x.device)
     assign = torch.zeros(n, dtype=torch.int64, device=x.device)
-    for _ in range(max(1, opts.iterations)):
-        assign = balanced_assign(x, centroids, cluster_size, opts.candidates)
-        centroids = _normalize(_centroid_sums(x, assign, n_clusters))
-        if bar:
-            bar.update(work_per_iter)
-    return assign
+    for _ in range(opts.iterations):
+        scores = torch.bmm(xg.to(dtype), centroids.to(dtype).transpose(1, 2)).float()
+        top = scores.topk(k, dim=2)
+        ids = (top.indices + offset).view(n, k)
+        assign = assign_from_candidates(ids, top.values.view(n, k), capacity)
+        # Leftovers (rare: all k candidates full) go to any cluster of their group with room.
+        for g in torch.unique(
+            torch.div(torch.nonzero(assign < 0).flatten(), n // groups, rounding_mode="floor")
+        ).tolist():
+            rows = slice(g * (n // groups), (g + 1) * (n // groups))
+            local = assign[rows] - g * per_group
+            local[assign[rows] < 0] = -1
+            _place_leftovers(xg[g], centroids[g], local, capacity[:per_group], per_group)
+            assign[rows] = local + g * per_group
+        sums = _centroid_sums(x[order], assign, groups * per_group)
+        centroids = _normalize(sums).view(groups, per_group, d)
+        bar()
+    out = torch.empty_like(assign)
+    out[order] = assign
+    return out
 
 
 def _group_count(n_clusters: int) -> int:
@@ -189,25 +280,23 @@ def balanced_kmeans(x: torch.Tensor, opts: KMeansOptions) -> torch.Tensor:
             f"the head has {n} rows, which is not a multiple of the cluster size {s}; "
             f"pick a cluster size that divides {n}"
         )
+    if opts.iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {opts.iterations}")
     device = pick_device(opts.device)
     generator = torch.Generator().manual_seed(opts.seed)
     xs = _normalize(x.to(device=device, dtype=torch.float32))
     n_clusters = n // s
-    with Progress("clustering", total=1.0, enabled=opts.progress) as bar:
-        if n_clusters <= opts.flat_max_clusters:
-            return _kmeans_level(xs, s, opts, generator, bar, 1.0 / opts.iterations).cpu()
+    flat = n_clusters <= opts.flat_max_clusters
+    steps = opts.iterations * (1 if flat else 2)
+    with Progress("clustering", total=steps, enabled=opts.progress) as bar:
+        tick = lambda: bar.update(1)  # noqa: E731
+        if n_clusters == 1:
+            return torch.zeros(n, dtype=torch.int64)
+        if flat:
+            return _kmeans_flat(xs, s, opts, generator, tick).cpu()
         groups = _group_count(n_clusters)
-        per_group = n_clusters // groups
-        # Level 1 is cheap (groups << clusters); level 2 does the bulk of the work.
-        group_of = _kmeans_level(xs, n // groups, opts, generator, bar, 0.2 / opts.iterations)
-        assign = torch.empty(n, dtype=torch.int64, device=device)
-        for g in range(groups):
-            members = torch.nonzero(group_of == g).flatten()
-            local = _kmeans_level(
-                xs[members], s, opts, generator, bar, 0.8 / (groups * opts.iterations)
-            )
-            assign[members] = local + g * per_group
-        return assign.cpu()
+        group_of = _kmeans_flat(xs, n // groups, opts, generator, tick)
+        return _kmeans_within_groups(xs, group_of, groups, s, opts, generator, tick).cpu()
 
 
 def centroids_for(

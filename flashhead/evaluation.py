@@ -1,0 +1,258 @@
+"""`flashhead eval`: how closely FlashHead follows the dense head on real text.
+
+The model's body runs in transformers (CPU) over held-out text; at each position the dense head's
+top-1 / top-5 tokens are compared with what `flashhead.head.FlashHead` (the code vLLM runs, torch
+backend) scores for a number of probes p. Reported per p: the share of the vocabulary scored,
+top-1 agreement, top-5 containment, and the smallest p reaching each agreement target.
+
+The p curve comes from the rank of the dense top-1 token's cluster under FlashHead's own stage 1
+scores (int8 centroids, as served): top-1 agrees at p exactly when that rank is below p (or the
+token is an always-scored special token). The listed p values are also checked end to end
+through `FlashHead.candidates`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashhead.assets import FlashHeadAssets, load_assets
+
+DEFAULT_PROBES = (16, 32, 64, 128, 256, 512, 1024)
+DEFAULT_TARGETS = (0.99, 0.995, 0.999)
+_ROW_BLOCK = 256  # hidden states per dense-logits block: [256, 262144] fp32 = 256 MiB
+
+
+@dataclass
+class ProbeResult:
+    probes: int
+    candidates: int  # tokens scored in stage 2 (p * cluster size + special tokens)
+    share_of_vocab: float  # candidates / V
+    share_with_centroids: float  # (candidates + clusters) / V: all rows stage 1 + 2 read
+    top1_agreement: float
+    top5_containment: float
+
+
+@dataclass
+class EvalReport:
+    model: str
+    vocab_size: int
+    n_clusters: int
+    cluster_size: int
+    configured_probes: int
+    n_special: int
+    n_tokens: int
+    results: list[ProbeResult]
+    probes_for_target: dict[str, int | None]  # "99.5%" -> smallest p, None if none reaches it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Ranks:
+    """Per hidden state: the stage-1 rank of the clusters holding the dense top-5 tokens
+    (0 = best; -1 = always scored, a special token)."""
+
+    top1: torch.Tensor  # [N] int64
+    top5: torch.Tensor  # [N, 5] int64
+
+
+def dense_topk(h: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[N, k] token ids of the dense head's top-k logits (fp32)."""
+    w = weight.float()
+    out = []
+    for start in range(0, h.shape[0], _ROW_BLOCK):
+        logits = h[start : start + _ROW_BLOCK].float() @ w.T
+        out.append(logits.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def cluster_ranks(
+    stage1_scores: torch.Tensor,
+    assignments: torch.Tensor,
+    top: torch.Tensor,
+    specials: Sequence[int],
+) -> torch.Tensor:
+    """[N, k] rank of each token's cluster among the row's stage 1 scores (-1 for specials).
+
+    Ties count against the token (a cluster scoring equal to it may be picked first)."""
+    clusters = assignments[top]  # [N, k]
+    own = stage1_scores.gather(1, clusters)  # [N, k]
+    ranks = (stage1_scores.unsqueeze(1) > own.unsqueeze(2)).sum(dim=2)
+    ties = (stage1_scores.unsqueeze(1) == own.unsqueeze(2)).sum(dim=2) - 1
+    ranks = ranks + ties
+    if len(specials):
+        special = torch.isin(top, torch.tensor(list(specials), dtype=top.dtype))
+        ranks = torch.where(special, torch.full_like(ranks, -1), ranks)
+    return ranks
+
+
+def probes_for(ranks_top1: torch.Tensor, target: float) -> int | None:
+    """Smallest p with P(rank < p) >= target, i.e. the p needed for that top-1 agreement."""
+    n = ranks_top1.numel()
+    need = math.ceil(target * n - 1e-9)
+    if need <= 0:
+        return 1
+    r = ranks_top1.clamp_min(-1).sort().values
+    p = int(r[need - 1].item()) + 1
+    return max(p, 1)
+
+
+def agreement_at(ranks: torch.Tensor, p: int) -> float:
+    return float((ranks < p).float().mean())
+
+
+class Evaluator:
+    """FlashHead (torch backend) on a head weight + assets, over given hidden states."""
+
+    def __init__(self, weight: torch.Tensor, assets: FlashHeadAssets):
+        from flashhead.head import FlashHead
+        from flashhead.kernels.reference import probe_keys
+
+        self.assets = assets
+        self.weight = weight.float()
+        self.head = FlashHead.build(self.weight, assets, backend="torch")
+        self._probe_keys = probe_keys
+
+    def stage1(self, h: torch.Tensor) -> torch.Tensor:
+        i = self.head.index
+        return self._probe_keys(h.float(), i.cent_q, i.cent_scale)
+
+    def ranks(self, h: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        out = []
+        specials = self.assets.special_token_ids
+        for start in range(0, h.shape[0], _ROW_BLOCK):
+            blk = slice(start, start + _ROW_BLOCK)
+            out.append(
+                cluster_ranks(self.stage1(h[blk]), self.assets.assignments, top[blk], specials)
+            )
+        return torch.cat(out)
+
+    def measured(self, h: torch.Tensor, top: torch.Tensor, p: int) -> tuple[float, float]:
+        """Top-1 agreement and top-5 containment through FlashHead.candidates, end to end."""
+        agree = contained = 0.0
+        for start in range(0, h.shape[0], _ROW_BLOCK):
+            blk = slice(start, start + _ROW_BLOCK)
+            cand = self.head.candidates(h[blk].float(), n_probes=p)
+            best = cand.ids.gather(1, cand.scores.argmax(dim=1, keepdim=True)).squeeze(1)
+            agree += float((best == top[blk, 0]).sum())
+            hit = (cand.ids.unsqueeze(1) == top[blk].unsqueeze(2)).any(dim=2)
+            contained += float(hit.float().mean(dim=1).sum())
+        return agree / h.shape[0], contained / h.shape[0]
+
+    def report(
+        self,
+        h: torch.Tensor,
+        probes: Sequence[int] = DEFAULT_PROBES,
+        targets: Sequence[float] = DEFAULT_TARGETS,
+        *,
+        model: str = "",
+        check_end_to_end: bool = True,
+    ) -> EvalReport:
+        a = self.assets
+        s = self.head.cluster_size
+        top = dense_topk(h, self.weight, 5)
+        ranks = self.ranks(h, top)
+        results = []
+        for p in sorted({min(int(p), a.n_clusters) for p in probes}):
+            top1, top5 = agreement_at(ranks[:, 0], p), agreement_at(ranks, p)
+            if check_end_to_end:
+                top1, top5 = self.measured(h, top, p)
+            cand = p * s + len(a.special_token_ids)
+            results.append(
+                ProbeResult(
+                    probes=p,
+                    candidates=cand,
+                    share_of_vocab=cand / a.vocab_size,
+                    share_with_centroids=(cand + a.n_clusters) / a.vocab_size,
+                    top1_agreement=top1,
+                    top5_containment=top5,
+                )
+            )
+        return EvalReport(
+            model=model,
+            vocab_size=a.vocab_size,
+            n_clusters=a.n_clusters,
+            cluster_size=s,
+            configured_probes=a.n_probes,
+            n_special=len(a.special_token_ids),
+            n_tokens=int(h.shape[0]),
+            results=results,
+            probes_for_target={_pct(t): probes_for(ranks[:, 0], t) for t in targets},
+        )
+
+
+def _pct(t: float) -> str:
+    return f"{100 * t:g}%"
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(transformers model, tokenizer) of a FlashHead (or plain HF) model folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return model, tok
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    *,
+    text: str | None = None,
+    probes: Sequence[int] = DEFAULT_PROBES,
+    targets: Sequence[float] = DEFAULT_TARGETS,
+    n_tokens: int = 4096,
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+    check_end_to_end: bool = True,
+) -> EvalReport:
+    """Run the model over `text` (default: the stdlib evaluation text) and compare heads."""
+    from flashhead.convert.hidden import sample_hidden_states
+    from flashhead.convert.texts import stdlib_text
+
+    model_dir = Path(model_dir)
+    assets = load_assets(model_dir)
+    model, tok = load_model(model_dir, dtype=dtype)
+    text = stdlib_text("evaluation") if text is None else text
+    h = sample_hidden_states(
+        model, tok, text, n_tokens=n_tokens, window=512, batch=8, progress=progress
+    ).float()
+    weight = model.get_output_embeddings().weight.detach()
+    ev = Evaluator(weight, assets)
+    rep = ev.report(h, probes, targets, model=str(model_dir), check_end_to_end=check_end_to_end)
+    rep.meta = {
+        "text": "stdlib pydoc topics (evaluation half)" if text is None else "user text",
+        "body_dtype": str(dtype).replace("torch.", ""),
+    }
+    return rep
+
+
+def format_table(rep: EvalReport) -> str:
+    lines = [
+        f"{rep.model}: V={rep.vocab_size}, {rep.n_clusters} clusters of {rep.cluster_size}, "
+        f"{rep.n_special} special tokens, n_probes in config {rep.configured_probes}, "
+        f"{rep.n_tokens} positions",
+        f"{'p':>6} {'scored':>8} {'% of V':>7} {'+centroids':>10} {'top-1':>8} {'top-5':>8}",
+    ]
+    for r in rep.results:
+        lines.append(
+            f"{r.probes:>6} {r.candidates:>8} {100 * r.share_of_vocab:>6.2f}% "
+            f"{100 * r.share_with_centroids:>9.2f}% {100 * r.top1_agreement:>7.2f}% "
+            f"{100 * r.top5_containment:>7.2f}%"
+        )
+    for target, p in rep.probes_for_target.items():
+        if p is None:
+            lines.append(f"top-1 agreement {target}: not reached")
+        else:
+            share = (p * rep.cluster_size + rep.n_special) / rep.vocab_size
+            lines.append(f"top-1 agreement {target}: p >= {p} ({100 * share:.2f}% of V scored)")
+    return "\n".join(lines)
