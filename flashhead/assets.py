@@ -18,7 +18,8 @@ Unequal cluster sizes: **padded**, within a budget. The cluster-major weight cop
 Padding is refused when it would make the copy more than 1/8 larger than the head
 (`n_clusters * max_cluster_size > 1.125 * V`), so the copy stays about one head; such a
 clustering should be rebuilt with equal cluster sizes (`flashhead convert`, the upstream default
-`enforce_equal_cluster_sizes=True`). Empty clusters count as unequal sizes.
+`enforce_equal_cluster_sizes=True`). Empty clusters are refused (a probe spent on one would
+score nothing).
 
 Errors are `FlashHeadAssetError`: file, field, expected vs found, and what to do.
 """
@@ -338,6 +339,13 @@ def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> 
         )
 
     sizes = torch.bincount(assignments, minlength=n_clusters)
+    if int(sizes.min()) == 0:
+        empty = (sizes == 0).nonzero().flatten().tolist()
+        raise FlashHeadAssetError(
+            path, "cluster_assignments", "every cluster to hold at least one token",
+            f"{len(empty)} empty clusters (first ids {empty[:5]})",
+            "drop the empty clusters' centroids or rebuild the clustering (`flashhead convert`)",
+        )  # fmt: skip
     largest = int(sizes.max())
     if int(sizes.min()) != largest and n_clusters * largest > MAX_PADDED_ROWS_PER_TOKEN * vocab:
         raise FlashHeadAssetError(

@@ -256,3 +256,10 @@ def test_bad_special_tokens(tmp_path, bad):
 def test_write_refuses_escaping_cache_dir(tmp_path):
     with pytest.raises(FlashHeadAssetError, match="relative"):
         write_assets(tmp_path, torch.randn(C, D), torch.arange(V) % C, n_probes=1, cache_dir="../x")
+
+
+def test_empty_cluster_refused(tmp_path):
+    assign = torch.arange(V) % C
+    assign[assign == 3] = 4  # cluster 3 has no tokens left
+    make_model(tmp_path, assignments=assign)
+    expect_error(tmp_path, "cluster_assignments", "1 empty clusters", "[3]")
