@@ -61,11 +61,14 @@ def test_triton_matches_reference(make_assets, device, shape, dtype):
         assert torch.isneginf(ct.scores[~live]).all()
 
 
-def test_full_probe_greedy_equals_dense_argmax(make_assets, device):
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_full_probe_greedy_equals_dense_argmax(make_assets, device, backend):
     """p = c: every token is a candidate, so greedy FlashHead is the dense argmax."""
     weight, assets = make_assets(96, 48, 12, n_probes=12, specials=[3, 50], unequal=True)
+    if backend != "triton":
+        device = torch.device("cpu")
     weight = weight.to(device)
-    head = FlashHead.build(weight, assets, backend="triton")
+    head = FlashHead.build(weight, assets, backend=backend)
     h = torch.randn(8, 48, generator=torch.Generator().manual_seed(2)).to(device)
     dense = (h @ weight.t()).argmax(dim=1)
     assert torch.equal(head.tokens(h).cpu(), dense.cpu())
