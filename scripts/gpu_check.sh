@@ -6,7 +6,14 @@
 #   4. `flashhead bench --device cuda --json` at B=1/8/32 bf16 (CUDA graphs, then eager) with
 #      the best blocks.
 # Results go to $OUT (default ./gpu_out): tests.log, sweep.json, best.env, bench_graphs.json,
-# bench_eager.json; a short summary is printed last.
+# bench_eager.json; a short summary is printed last. GPU_CHECK_SWEEP=0 skips step 3.
+#
+# Last results (NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-27; Llama-3.2 head shape
+# V=128256 d=2048 s=16 p=256 bf16; CUDA graphs; copy bandwidth ~4.1 TB/s): 27 kernel tests pass
+# on CUDA. B=1: dense 163 us, FlashHead 43.6 us (3.75x; 3.95x in the run before); B=8: 2.18x;
+# B=32: dispatcher picks dense (FlashHead itself 162 us vs 171 us). Per stage at B=1: stage 1
+# 13 us, top-p select 23 us, stage 2 15 us (torch.topk alone: 41 us). Eager (no graphs),
+# Python/launch overhead dominates: FlashHead 250 us vs dense 202 us at B=1.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
