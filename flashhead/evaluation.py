@@ -107,7 +107,8 @@ def probes_for(ranks_top1: torch.Tensor, target: float) -> int | None:
 
 
 def agreement_at(ranks: torch.Tensor, p: int) -> float:
-    return float((ranks < p).float().mean())
+    """Share of entries whose cluster is among the top p (exact count, not a float32 mean)."""
+    return int((ranks < p).sum()) / max(1, ranks.numel())
 
 
 class Evaluator:
