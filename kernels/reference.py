@@ -190,7 +190,8 @@ def _scores_rowwise(
     k = n_probe * s
     wc3 = index.wc.view(-1, s, d)
     scores = torch.empty(n_rows, k, dtype=torch.float32)
-    fused = _compiled_gather_dot()
+    # Compiling costs seconds; it only pays for heads where the per-row gather is large.
+    fused = _compiled_gather_dot() if k * d >= COMPILE_MIN_ELEMENTS else None
     if fused is not None:
         try:
             for b in range(n_rows):
@@ -220,6 +221,7 @@ def _gather_dot(wc3: torch.Tensor, probes: torch.Tensor, h: torch.Tensor) -> tor
 
 
 _COMPILE_STATE: dict = {}
+COMPILE_MIN_ELEMENTS = 1 << 20  # K * d per row (SmolLM2-135M: 3072 * 576 = 1.8M)
 
 
 def _compiled_gather_dot():
