@@ -11,6 +11,7 @@ copy (bytes read + written).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -200,6 +201,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    load_before = _loadavg()
     weight, assets = make_problem(cfg)
     t0 = time.perf_counter()
     head = FlashHead.build(weight, assets)
@@ -282,8 +284,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         "bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
         "cuda_graphs": timer.graph_used if timer.cuda else None,
         "results": [asdict(r) for r in results],
+        # 1-minute load average before and after: other processes make CPU timings noisy.
+        "loadavg_1min": [load_before, _loadavg()],
     }
     return info
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -322,6 +333,11 @@ def format_report(info: dict) -> str:
         f"({info['cluster_major_vs_head']:.3f}x the head's {info['head_bytes'] / 2**20:.1f} MiB); "
         f"with int8 centroids {info['extra_bytes'] / 2**20:.1f} MiB ({info['extra_vs_head']:.3f}x)",
     ]
+    if info.get("loadavg_1min") and None not in info["loadavg_1min"]:
+        lines.append(
+            "load average (1 min) before/after: {:.2f} / {:.2f} (CPU timings are noisy when "
+            "other processes run)".format(*info["loadavg_1min"])
+        )
     if info.get("bandwidth_gbs"):
         lines.append(f"device copy bandwidth: {info['bandwidth_gbs']:.0f} GB/s (read + write)")
     for r in info["results"]:
