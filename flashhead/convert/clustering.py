@@ -108,40 +108,64 @@ def _price_balance(
 
 
 def assign_from_candidates(
-    ids: torch.Tensor, scores: torch.Tensor, capacity: torch.Tensor, price_rounds: int = 30
+    ids: torch.Tensor,
+    scores: torch.Tensor,
+    capacity: torch.Tensor,
+    price_rounds: int = 30,
+    fill_anywhere: bool = False,
 ) -> torch.Tensor:
     """Capacity-constrained assignment of rows to their candidate clusters (best first).
 
     1. Prices balance an argmax assignment for all but a few percent of the rows.
     2. Overfull clusters keep their best rows by score - price; the evicted rows go to their
        nearest candidates with room left (`fill_greedy`).
-    Returns [N] cluster per row, -1 where every candidate of a row filled up.
+    Returns [N] cluster per row; -1 where every candidate of a row filled up, unless
+    `fill_anywhere`, which gives those rows the remaining free slots.
     """
-    best = _price_balance(ids, scores, capacity, price_rounds)
+    # Prices only need each row's few best candidates; the full lists serve the leftovers.
+    best = _price_balance(ids[:, :16], scores[:, :16], capacity, price_rounds)
     cluster = ids.gather(1, best[:, None]).squeeze(1)
     value = scores.gather(1, best[:, None]).squeeze(1)
     assign = torch.where(_keep_best(cluster, value, capacity), cluster, -1)
     left = torch.nonzero(assign < 0).flatten()
     if left.numel():
         free = capacity - torch.bincount(assign[assign >= 0], minlength=capacity.numel())
-        assign[left] = fill_greedy(ids[left], scores[left], free)
+        # Short lists first (cheap rounds); only rows they cannot place scan their full lists.
+        placed = fill_greedy(ids[left, :16], scores[left, :16], free, max_rounds=12)
+        assign[left] = placed
+        rest = left[placed < 0]
+        if rest.numel() and ids.shape[1] > 16:
+            free = capacity - torch.bincount(assign[assign >= 0], minlength=capacity.numel())
+            assign[rest] = fill_greedy(ids[rest], scores[rest], free, max_rounds=12)
+        rest = torch.nonzero(assign < 0).flatten()
+        if rest.numel() and fill_anywhere:
+            # Long chains of bumps: the last few rows take the free slots in order (rare; the
+            # next k-means iteration re-places them).
+            free = capacity - torch.bincount(assign[assign >= 0], minlength=capacity.numel())
+            slots = torch.repeat_interleave(torch.arange(capacity.numel(), device=ids.device), free)
+            assign[rest] = slots[: rest.numel()]
     return assign
 
 
 def fill_greedy(
-    cand_ids: torch.Tensor, cand_scores: torch.Tensor, capacity: torch.Tensor
+    cand_ids: torch.Tensor,
+    cand_scores: torch.Tensor,
+    capacity: torch.Tensor,
+    max_rounds: int | None = None,
 ) -> torch.Tensor:
     """Rows take their best candidate with room left; a cluster offered more rows than it has
     room for takes the best-scoring ones, the others try again with that cluster closed.
 
-    Returns [N] cluster per row, -1 where all of a row's candidates filled up. Every round fills
-    a cluster or places every row, so there are at most `capacity.numel() + 1` rounds.
+    Returns [N] cluster per row, -1 where all of a row's candidates filled up (or `max_rounds`
+    ran out). Every round fills a cluster or places every row: at most `capacity.numel() + 1`.
     """
     n = cand_ids.shape[0]
     assign = torch.full((n,), -1, dtype=torch.int64, device=cand_ids.device)
     free = capacity.clone()
     pending = torch.arange(n, device=cand_ids.device)
-    while pending.numel():
+    rounds = 0
+    while pending.numel() and (max_rounds is None or rounds < max_rounds):
+        rounds += 1
         ids, scores = cand_ids[pending], cand_scores[pending]
         scores = scores.masked_fill(free[ids] <= 0, -math.inf)
         best = scores.argmax(dim=1)
@@ -237,23 +261,14 @@ def _kmeans_within_groups(
     centroids = torch.gather(xg, 1, first[:, :, None].expand(-1, -1, d)).float()
     offset = (torch.arange(groups, device=x.device) * per_group)[:, None, None]
     capacity = torch.full((groups * per_group,), cluster_size, dtype=torch.int64, device=x.device)
-    k = min(per_group, max(opts.candidates, 32))
+    k = per_group  # every cluster of the group: the leftovers always find room
     dtype = _score_dtype(x.device)
     assign = torch.zeros(n, dtype=torch.int64, device=x.device)
     for _ in range(opts.iterations):
         scores = torch.bmm(xg.to(dtype), centroids.to(dtype).transpose(1, 2)).float()
         top = scores.topk(k, dim=2)
         ids = (top.indices + offset).view(n, k)
-        assign = assign_from_candidates(ids, top.values.view(n, k), capacity)
-        # Leftovers (rare: all k candidates full) go to any cluster of their group with room.
-        for g in torch.unique(
-            torch.div(torch.nonzero(assign < 0).flatten(), n // groups, rounding_mode="floor")
-        ).tolist():
-            rows = slice(g * (n // groups), (g + 1) * (n // groups))
-            local = assign[rows] - g * per_group
-            local[assign[rows] < 0] = -1
-            _place_leftovers(xg[g], centroids[g], local, capacity[:per_group], per_group)
-            assign[rows] = local + g * per_group
+        assign = assign_from_candidates(ids, top.values.view(n, k), capacity, fill_anywhere=True)
         sums = _centroid_sums(x[order], assign, groups * per_group)
         centroids = _normalize(sums).view(groups, per_group, d)
         bar()
