@@ -188,7 +188,7 @@ class FlashHead:
         return self._ops.select_probes(keys, p, self.index.n_special_clusters)
 
     def _run(self, h, n_probes, temperature, generators, want_tokens, want_scores=True):
-        h = self._check_h(h)
+        """Both stages on `h` already through `_check_h` (checked once per public call)."""
         inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
         probes = self._probes(h, n_probes, inv_t, generators, temperature)
         tok_noise = None
@@ -217,6 +217,7 @@ class FlashHead:
 
     # -- public API -------------------------------------------------------------------------
     def candidates(self, h, *, n_probes=None, temperature=None, generators=None) -> Candidates:
+        h = self._check_h(h)
         ids, scores, _ = self._run(h, n_probes, temperature, generators, want_tokens=False)
         return Candidates(ids=ids, scores=scores)
 
@@ -248,41 +249,50 @@ class FlashHead:
             out = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device)
         elif tuple(out.shape) != (n_rows, vocab):
             raise ValueError(f"out must be [{n_rows}, {vocab}], got {list(out.shape)}")
-        dense = (
-            torch.zeros(n_rows, dtype=torch.bool, device=h.device)
-            if dense_rows is None
-            else dense_rows.to(h.device, torch.bool)
-        )
+        if n_rows == 0:
+            return out  # the stages cannot run on an empty batch; there is nothing to fill
         if self.uses_dense(n_rows, h.device):
-            dense = torch.ones_like(dense)
-        dense_list = dense.nonzero().flatten()
-        flash_list = (~dense).nonzero().flatten()
-        if len(flash_list):
-            sub = h if len(flash_list) == n_rows else h[flash_list]
-            sub_t = None
-            if temperature is not None:
-                sub_t = torch.as_tensor(temperature).reshape(-1)
-                sub_t = sub_t if len(flash_list) == n_rows else sub_t[flash_list.cpu()]
-            sub_g = None
-            if generators is not None:
-                sub_g = [generators[i] for i in flash_list.tolist()]
-            ids, scores, _ = self._run(sub, None, sub_t, sub_g, want_tokens=False)
-            if transform is not None:
-                scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
-            rows = (
-                out
-                if len(flash_list) == n_rows
-                else torch.empty(len(flash_list), vocab, dtype=out.dtype, device=out.device)
-            )
-            rows.fill_(float("-inf"))
-            rows.scatter_reduce_(1, ids.clamp_min(0), scores.to(rows.dtype), reduce="amax")
-            if rows is not out:
-                out[flash_list] = rows
-        if len(dense_list):
-            full = torch.nn.functional.linear(h[dense_list], self.weight)
-            if transform is not None:
-                full = transform(full)
-            out[dense_list] = full.to(out.dtype)
+            return self._dense_logits(h, None, out, transform)
+        if dense_rows is None:
+            # The decode path (the handler passes FlashHead rows only): no mask to split on, so
+            # no nonzero() and its device sync every step.
+            return self._flash_logits(h, None, temperature, generators, out, transform)
+        dense = dense_rows.to(h.device, torch.bool)
+        flash_idx = (~dense).nonzero().flatten()
+        dense_idx = dense.nonzero().flatten()
+        if len(flash_idx):
+            self._flash_logits(h, flash_idx, temperature, generators, out, transform)
+        if len(dense_idx):
+            self._dense_logits(h, dense_idx, out, transform)
+        return out
+
+    def _flash_logits(self, h, idx, temperature, generators, out, transform) -> torch.Tensor:
+        """Candidate logits of rows `idx` (None: all rows) written into those rows of `out`."""
+        sub_t = None if temperature is None else torch.as_tensor(temperature).reshape(-1)
+        sub_g = generators
+        if idx is not None:
+            h = h[idx]
+            sub_t = None if sub_t is None else sub_t[idx.cpu()]
+            sub_g = None if generators is None else [generators[i] for i in idx.tolist()]
+        ids, scores, _ = self._run(h, None, sub_t, sub_g, want_tokens=False)
+        if transform is not None:
+            scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
+        rows = out if idx is None else out.new_empty(len(idx), out.shape[1])
+        rows.fill_(float("-inf"))
+        rows.scatter_reduce_(1, ids.clamp_min(0), scores.to(rows.dtype), reduce="amax")
+        if idx is not None:
+            out[idx] = rows
+        return out
+
+    def _dense_logits(self, h, idx, out, transform) -> torch.Tensor:
+        """Exact full-head logits of rows `idx` (None: all rows) written into `out`."""
+        full = torch.nn.functional.linear(h if idx is None else h[idx], self.weight)
+        if transform is not None:
+            full = transform(full)
+        if idx is None:
+            out.copy_(full)
+        else:
+            out[idx] = full.to(out.dtype)
         return out
 
     def _dense_tokens(self, h, temperature, generators) -> torch.Tensor:
