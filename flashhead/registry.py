@@ -72,6 +72,7 @@ REQUIRES_FIELDS = ("target", "signature")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
 TARGET_RE = re.compile(rf"^(?P<module>{_DOTTED}):(?P<qualname>{_DOTTED})$")
+DOTTED_RE = re.compile(rf"^{_DOTTED}$")
 ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 IDENT_RE = re.compile(rf"^{_IDENT}$")
 
@@ -261,15 +262,12 @@ class _Validator:
             out[key] = (key_node, value_node)
         return out
 
-    def string(self, node: yaml.Node, fld: str, *, nonempty: bool = True) -> str | None:
+    def string(
+        self, node: yaml.Node, fld: str, *, nonempty: bool = True, fix: str = "quote the value"
+    ) -> str | None:
         value = self.value(node)
         if not isinstance(value, str):
-            self.problem(
-                node,
-                fld,
-                f"expected a string, got {_type_name(value)} {value!r}",
-                "quote the value",
-            )
+            self.problem(node, fld, f"expected a string, got {_type_name(value)} {value!r}", fix)
             return None
         if nonempty and not value.strip():
             self.problem(node, fld, "must not be empty", "write a short sentence")
@@ -285,6 +283,25 @@ class _Validator:
                 f"expected true or false, got {_type_name(value)} {value!r}",
                 "write true or false",
             )
+            return None
+        return value
+
+    def choice(
+        self, node: yaml.Node, fld: str, allowed: Sequence[str], noun: str = "value"
+    ) -> str | None:
+        value = self.value(node)
+        if value not in allowed:
+            self.problem(node, fld, f"unknown {noun} {value!r}", f"one of: {', '.join(allowed)}")
+            return None
+        return value
+
+    def matching(
+        self, node: yaml.Node, fld: str, pattern: re.Pattern[str], noun: str, fix: str
+    ) -> str | None:
+        """A non-empty string that matches `pattern` (else "bad <noun> ...")."""
+        value = self.string(node, fld)
+        if value is not None and not pattern.match(value):
+            self.problem(node, fld, f"bad {noun} {value!r}", fix)
             return None
         return value
 
@@ -324,14 +341,7 @@ class _Validator:
 
         serve = "flashhead"
         if "serve" in top:
-            node = top["serve"][1]
-            value = self.value(node)
-            if value not in SERVE_VALUES:
-                self.problem(
-                    node, "serve", f"unknown value {value!r}", f"one of: {', '.join(SERVE_VALUES)}"
-                )
-            else:
-                serve = value
+            serve = self.choice(top["serve"][1], "serve", SERVE_VALUES) or serve
 
         reason = ""
         if "reason" in top:
@@ -346,15 +356,8 @@ class _Validator:
         if "support" in top:
             fields = self.mapping(top["support"][1], "support", SUPPORT_KEYS)
             for key, (_, node) in (fields or {}).items():
-                value = self.value(node)
-                if value not in SUPPORT_VALUES:
-                    self.problem(
-                        node,
-                        f"support.{key}",
-                        f"unknown value {value!r}",
-                        f"one of: {', '.join(SUPPORT_VALUES)}",
-                    )
-                else:
+                value = self.choice(node, f"support.{key}", SUPPORT_VALUES)
+                if value is not None:
                     support[key] = value
 
         patches: list[PatchSpec] = []
@@ -448,28 +451,20 @@ class _Validator:
 
         values: dict[str, Any] = {}
         if "id" in fields:
-            n = fields["id"][1]
-            ident = self.string(n, f"{where}.id")
-            if ident is not None and not ID_RE.match(ident):
-                self.problem(
-                    n,
-                    f"{where}.id",
-                    f"bad id {ident!r}",
-                    "use lowercase letters, digits and dashes",
-                )
-            elif ident is not None:
+            ident = self.matching(
+                fields["id"][1],
+                f"{where}.id",
+                ID_RE,
+                "id",
+                "use lowercase letters, digits and dashes",
+            )
+            if ident is not None:
                 values["id"] = ident
                 pid = f"{where}({ident})"
         kind = None
         if "kind" in fields:
-            n = fields["kind"][1]
-            kind = self.value(n)
-            if kind not in KINDS:
-                self.problem(
-                    n, f"{pid}.kind", f"unknown kind {kind!r}", f"one of: {', '.join(KINDS)}"
-                )
-                kind = None
-            else:
+            kind = self.choice(fields["kind"][1], f"{pid}.kind", KINDS, "kind")
+            if kind is not None:
                 values["kind"] = kind
         if "target" in fields:
             n = fields["target"][1]
@@ -506,15 +501,14 @@ class _Validator:
             )
         if "signature_of" in fields:
             n = fields["signature_of"][1]
-            member = self.string(n, f"{pid}.signature_of")
-            if member is not None and not re.match(rf"^{_DOTTED}$", member):
-                self.problem(
-                    n,
-                    f"{pid}.signature_of",
-                    f"bad member name {member!r}",
-                    "write a method name such as forward",
-                )
-            elif member is not None:
+            member = self.matching(
+                n,
+                f"{pid}.signature_of",
+                DOTTED_RE,
+                "member name",
+                "write a method name such as forward",
+            )
+            if member is not None:
                 values["signature_of"] = member
             if "signature" not in fields:
                 self.problem(
@@ -573,25 +567,19 @@ class _Validator:
         )
 
     def target(self, node: yaml.Node, fld: str) -> str | None:
-        value = self.string(node, fld)
-        if value is not None and not TARGET_RE.match(value):
-            self.problem(
-                node,
-                fld,
-                f"bad target {value!r}",
-                "write module.path:Qualified.name, e.g. vllm.model_executor.layers.logits_processor:LogitsProcessor.forward",
-            )
-            return None
-        return value
+        return self.matching(
+            node,
+            fld,
+            TARGET_RE,
+            "target",
+            "write module.path:Qualified.name, e.g. vllm.model_executor.layers.logits_processor:LogitsProcessor.forward",
+        )
 
     def handler(self, node: yaml.Node, fld: str) -> str | None:
-        value = self.string(node, fld)
+        value = self.matching(
+            node, fld, TARGET_RE, "handler", "write flashhead.handlers.<module>:<function>"
+        )
         if value is None:
-            return None
-        if not TARGET_RE.match(value):
-            self.problem(
-                node, fld, f"bad handler {value!r}", "write flashhead.handlers.<module>:<function>"
-            )
             return None
         module = value.split(":", 1)[0]
         if module != HANDLER_PACKAGE and not module.startswith(HANDLER_PACKAGE + "."):
@@ -605,14 +593,9 @@ class _Validator:
         return value
 
     def signature(self, node: yaml.Node, fld: str) -> str | None:
-        value = self.value(node)
-        if not isinstance(value, str):
-            self.problem(
-                node,
-                fld,
-                f"expected a string, got {_type_name(value)} {value!r}",
-                'quote it: "(self, x, y=None)"',
-            )
+        # An empty string is left to parse_signature, whose error says what a signature looks like.
+        value = self.string(node, fld, nonempty=False, fix='quote it: "(self, x, y=None)"')
+        if value is None:
             return None
         try:
             parse_signature(value)
