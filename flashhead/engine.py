@@ -66,6 +66,9 @@ FAILED_STATUSES = (
     "runtime-error",
 )
 
+# Statuses a rollback turns into `rolled-back` (the rest already say why the patch is not live).
+_ROLLED_BACK_FROM = ("applied", "pending", "runtime-error")
+
 Undo = Callable[[], None]
 HOOK_LOCK_TIMEOUT_S = 30.0
 
@@ -519,18 +522,13 @@ class PatchEngine:
     def _rollback(self, state: _SetState, culprit: _Entry) -> None:
         reason = f"required patch {culprit.spec.id} failed ({culprit.record.status}: {culprit.record.reason})"
         state.rolled_back = True
-        state.active = False
         state.rollback_reason = reason
-        for entry in reversed(state.entries):
-            if entry is culprit:
-                continue
-            if entry.undo is not None:
-                _safe_undo(entry)
-            entry.hook_armed = False
-            if entry.record.status in ("applied", "pending", "runtime-error"):
+        self._unpatch_set(state)
+        for entry in state.entries:
+            # The culprit keeps its failure; skipped and other failed records stay as they are.
+            if entry is not culprit and entry.record.status in _ROLLED_BACK_FROM:
                 entry.record.status = "rolled-back"
                 entry.record.reason = reason
-            entry.live = False
         logger.error("flashhead: set %s rolled back: %s", state.set_id, reason)
 
     def _runtime_error(self, entry: _Entry, exc: BaseException) -> None:
