@@ -49,6 +49,14 @@ def lazy_unloaded():
     sys.modules.pop("fakelib.lazy", None)
 
 
+@pytest.fixture
+def engine():
+    """A PatchEngine whose patches are undone after the test, also when the test fails."""
+    eng = PatchEngine()
+    yield eng
+    eng.unpatch()
+
+
 def on() -> bool:
     return True
 
@@ -77,18 +85,15 @@ def test_wrap_module_function_and_unpatch(core):
     assert core.add is original
 
 
-def test_wrap_method_sees_instance_and_keyword_args(core):
-    engine = PatchEngine()
+def test_wrap_method_sees_instance_and_keyword_args(core, engine):
     engine.apply([GREET], set_id="s", enabled=on)
-    try:
-        obj = core.Base()
-        assert obj.greet("bob", punct="?") == "HI BOB?"
-        import fakelib.handlers as handlers
+    obj = core.Base()
+    assert obj.greet("bob", punct="?") == "HI BOB?"
+    import fakelib.handlers as handlers
 
-        _, instance, args, kwargs = handlers.CALLS[-1]
-        assert instance is obj and args == ("bob",) and kwargs == {"punct": "?"}
-    finally:
-        engine.unpatch()
+    _, instance, args, kwargs = handlers.CALLS[-1]
+    assert instance is obj and args == ("bob",) and kwargs == {"punct": "?"}
+    engine.unpatch()
     assert core.Base().greet("bob") == "hi bob!"
 
 
@@ -105,29 +110,22 @@ def test_wrap_inherited_method_is_removed_again_on_undo(core):
     assert "greet" not in vars(core.Child)
 
 
-def test_wrap_static_and_class_methods(core):
-    engine = PatchEngine()
+def test_wrap_static_and_class_methods(core, engine):
     twice = spec("twice", "fakelib.core:Base.twice", f"{H}:plus_one", "(x)")
     make = spec("make", "fakelib.core:Base.make", f"{H}:passthrough", "(cls, n=0)")
     records = engine.apply([twice, make], set_id="s", enabled=on)
-    try:
-        assert [r.status for r in records] == ["applied", "applied"], [r.reason for r in records]
-        assert core.Base.twice(3) == 7
-        assert core.Child.make(2) == ("Child", 2)
-        assert calls("passthrough") == 1
-    finally:
-        engine.unpatch()
+    assert [r.status for r in records] == ["applied", "applied"], [r.reason for r in records]
+    assert core.Base.twice(3) == 7
+    assert core.Child.make(2) == ("Child", 2)
+    assert calls("passthrough") == 1
+    engine.unpatch()
     assert core.Base.twice(3) == 6
 
 
-def test_reapplying_a_set_does_not_double_wrap(core):
-    engine = PatchEngine()
+def test_reapplying_a_set_does_not_double_wrap(core, engine):
     engine.apply([ADD], set_id="s", enabled=on)
     engine.apply([ADD], set_id="s", enabled=on)
-    try:
-        assert core.add(1, 2) == 4
-    finally:
-        engine.unpatch()
+    assert core.add(1, 2) == 4
 
 
 def test_second_engine_instance_does_not_double_wrap(core):
@@ -143,8 +141,7 @@ def test_second_engine_instance_does_not_double_wrap(core):
     assert core.add(1, 2) == 3
 
 
-def test_concurrent_apply_wraps_once(core):
-    engine = PatchEngine()
+def test_concurrent_apply_wraps_once(core, engine):
     barrier = threading.Barrier(6)
 
     def worker():
@@ -156,10 +153,7 @@ def test_concurrent_apply_wraps_once(core):
         t.start()
     for t in threads:
         t.join()
-    try:
-        assert core.add(1, 2) == 4
-    finally:
-        engine.unpatch()
+    assert core.add(1, 2) == 4
 
 
 # -- failures at apply time ---------------------------------------------------------------------
@@ -260,108 +254,79 @@ def test_required_failure_rolls_back_the_set(core):
     assert not engine.set_active("s")
 
 
-def test_optional_failure_keeps_the_set(core):
-    engine = PatchEngine()
+def test_optional_failure_keeps_the_set(core, engine):
     bad = spec("bad", "fakelib.core:missing", f"{H}:plus_one", "(a)", required=False)
     records = engine.apply([ADD, bad], set_id="s", enabled=on)
-    try:
-        assert [r.status for r in records] == ["applied", "missing-target"]
-        assert core.add(1, 2) == 4
-        assert engine.set_active("s")
-    finally:
-        engine.unpatch()
+    assert [r.status for r in records] == ["applied", "missing-target"]
+    assert core.add(1, 2) == 4
+    assert engine.set_active("s")
 
 
-def test_other_sets_survive_a_rollback(core):
-    engine = PatchEngine()
+def test_other_sets_survive_a_rollback(core, engine):
     engine.apply([GREET], set_id="always", enabled=on)
     engine.apply(
         [ADD, spec("bad", "fakelib.core:missing", f"{H}:plus_one", "(a)")],
         set_id="main",
         enabled=on,
     )
-    try:
-        assert core.add(1, 2) == 3
-        assert core.Base().greet("x") == "HI X!"
-        assert engine.set_active("always") and not engine.set_active("main")
-    finally:
-        engine.unpatch()
+    assert core.add(1, 2) == 3
+    assert core.Base().greet("x") == "HI X!"
+    assert engine.set_active("always") and not engine.set_active("main")
 
 
 # -- run time -----------------------------------------------------------------------------------
 
 
-def test_handler_raising_falls_back_and_disables(core, caplog):
-    engine = PatchEngine()
+def test_handler_raising_falls_back_and_disables(core, caplog, engine):
     [rec] = engine.apply(
         [spec("add", "fakelib.core:add", f"{H}:boom", "(a, b=1)")], set_id="s", enabled=on
     )
-    try:
-        with caplog.at_level(logging.ERROR, logger="flashhead"):
-            assert core.add(1, 2) == 3  # the request is not lost
-        assert rec.status == "runtime-error" and "RuntimeError: handler bug" in rec.reason
-        assert "disabled" in caplog.text
-        assert core.add(5) == 6
-        assert calls("boom") == 1  # disabled after the first failure
-    finally:
-        engine.unpatch()
+    with caplog.at_level(logging.ERROR, logger="flashhead"):
+        assert core.add(1, 2) == 3  # the request is not lost
+    assert rec.status == "runtime-error" and "RuntimeError: handler bug" in rec.reason
+    assert "disabled" in caplog.text
+    assert core.add(5) == 6
+    assert calls("boom") == 1  # disabled after the first failure
 
 
-def test_handler_raising_after_calling_original_falls_back(core):
-    engine = PatchEngine()
+def test_handler_raising_after_calling_original_falls_back(core, engine):
     [rec] = engine.apply(
         [spec("add", "fakelib.core:add", f"{H}:call_then_boom", "(a, b=1)")], set_id="s", enabled=on
     )
-    try:
-        assert core.add(1, 2) == 3
-        assert rec.status == "runtime-error"
-    finally:
-        engine.unpatch()
+    assert core.add(1, 2) == 3
+    assert rec.status == "runtime-error"
 
 
-def test_original_exception_propagates_unchanged(core):
-    engine = PatchEngine()
+def test_original_exception_propagates_unchanged(core, engine):
     [rec] = engine.apply(
         [spec("fail", "fakelib.core:fail", f"{H}:passthrough", "(x)")], set_id="s", enabled=on
     )
-    try:
-        with pytest.raises(ValueError, match="original failed: 7") as info:
-            core.fail(7)
-        assert type(info.value) is ValueError
-        assert rec.status == "applied"  # the host's error is not the patch's fault
-        with pytest.raises(ValueError):
-            core.fail(8)
-        assert calls("passthrough") == 2  # still active
-    finally:
-        engine.unpatch()
+    with pytest.raises(ValueError, match="original failed: 7") as info:
+        core.fail(7)
+    assert type(info.value) is ValueError
+    assert rec.status == "applied"  # the host's error is not the patch's fault
+    with pytest.raises(ValueError):
+        core.fail(8)
+    assert calls("passthrough") == 2  # still active
 
 
-def test_kill_switch_at_run_time(core):
+def test_kill_switch_at_run_time(core, engine):
     switch = {"on": True}
-    engine = PatchEngine()
     engine.apply([ADD], set_id="s", enabled=lambda: switch["on"])
-    try:
-        assert core.add(1) == 3
-        switch["on"] = False
-        assert core.add(1) == 2
-        switch["on"] = True
-        assert core.add(1) == 3
-        assert calls("plus_one") == 2
-    finally:
-        engine.unpatch()
+    assert core.add(1) == 3
+    switch["on"] = False
+    assert core.add(1) == 2
+    switch["on"] = True
+    assert core.add(1) == 3
+    assert calls("plus_one") == 2
 
 
-def test_broken_kill_switch_means_off(core):
-    engine = PatchEngine()
-
+def test_broken_kill_switch_means_off(core, engine):
     def broken() -> bool:
         raise RuntimeError("no")
 
     engine.apply([ADD], set_id="s", enabled=broken)
-    try:
-        assert core.add(1) == 2
-    finally:
-        engine.unpatch()
+    assert core.add(1) == 2
 
 
 # -- lazy targets: post-import hooks ------------------------------------------------------------
@@ -412,14 +377,10 @@ def test_import_patch_unpatch_in_any_order(lazy_unloaded, order):
     assert lazy.compute(3) == 6
 
 
-def test_force_import_applies_at_once(lazy_unloaded):
-    engine = PatchEngine()
+def test_force_import_applies_at_once(lazy_unloaded, engine):
     [rec] = engine.apply([LAZY], set_id="s", enabled=on, force_import=True)
-    try:
-        assert rec.status == "applied"
-        assert sys.modules["fakelib.lazy"].compute(1) == 3
-    finally:
-        engine.unpatch()
+    assert rec.status == "applied"
+    assert sys.modules["fakelib.lazy"].compute(1) == 3
 
 
 def test_pending_required_failure_rolls_back_on_import(core, lazy_unloaded):
