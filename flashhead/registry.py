@@ -104,13 +104,10 @@ class PatchsetError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-@dataclass(frozen=True)
-class Requirement:
-    """Another symbol a handler relies on; checked like the target (exists, signature)."""
+class _Target:
+    """`module` and `qualname` of a dataclass's `target` (`module:Qualified.name`)."""
 
-    target: str
-    signature: str | None = None
-    line: int = 0
+    target: str  # declared by the dataclass itself (a plain base's annotations are no fields)
 
     @property
     def module(self) -> str:
@@ -122,7 +119,16 @@ class Requirement:
 
 
 @dataclass(frozen=True)
-class PatchSpec:
+class Requirement(_Target):
+    """Another symbol a handler relies on; checked like the target (exists, signature)."""
+
+    target: str
+    signature: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PatchSpec(_Target):
     id: str
     kind: str
     target: str
@@ -140,14 +146,6 @@ class PatchSpec:
     required: bool = True
     source: str = ""
     line: int = 0
-
-    @property
-    def module(self) -> str:
-        return self.target.split(":", 1)[0]
-
-    @property
-    def qualname(self) -> str:
-        return self.target.split(":", 1)[1]
 
     @property
     def where(self) -> str:
