@@ -135,16 +135,10 @@ def backend_ops(backend: str) -> Any:
             candidate_scores=reference.candidate_scores,
         )
 
-    def candidate_scores(*args, **kwargs):
-        return reference.candidate_scores(*args, fast=True, **kwargs)
-
-    def probe_keys(*args, **kwargs):
-        return reference.probe_keys(*args, fast=True, **kwargs)
-
     return SimpleNamespace(
-        probe_keys=probe_keys,
+        probe_keys=functools.partial(reference.probe_keys, fast=True),
         select_probes=reference.select_probes,
-        candidate_scores=candidate_scores,
+        candidate_scores=functools.partial(reference.candidate_scores, fast=True),
     )
 
 
