@@ -464,23 +464,11 @@ def write_assets(
     return target
 
 
-def padded_cluster_size(assets: FlashHeadAssets) -> int:
-    """Slots per cluster in the cluster-major layout (the largest cluster)."""
-    return int(assets.cluster_sizes().max())
-
-
-def cluster_major_bytes(assets: FlashHeadAssets, element_size: int) -> int:
-    """Bytes of the cluster-major weight copy for a head of `element_size`-byte elements."""
-    return assets.n_clusters * padded_cluster_size(assets) * assets.hidden_size * element_size
-
-
 __all__ = [
     "CACHE_FILE",
     "FlashHeadAssetError",
     "FlashHeadAssets",
-    "cluster_major_bytes",
     "is_flashhead_config",
     "load_assets",
-    "padded_cluster_size",
     "write_assets",
 ]
