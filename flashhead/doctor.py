@@ -20,6 +20,7 @@ from typing import Any
 from flashhead.compat.process import ProcessInfo
 from flashhead.engine import PatchEngine
 from flashhead.plugin import Activation, activate
+from flashhead.vllm_kinds import vllm_kinds
 
 __all__ = ["build_report", "format_report", "run_doctor"]
 
@@ -98,17 +99,15 @@ def _check_model(model_dir: str) -> dict[str, Any]:
         out["error"] = str(exc)
         return out
     out["valid"] = True
-    centroids = getattr(assets, "centroids", None)
-    assignments = getattr(assets, "assignments", None)
-    out["n_clusters"] = int(centroids.shape[0]) if centroids is not None else None
-    out["vocab_size"] = int(assignments.shape[0]) if assignments is not None else None
-    out["n_probes"] = getattr(assets, "n_probes", None)
-    out["cache_dir"] = str(getattr(assets, "cache_dir", ""))
+    out["n_clusters"] = assets.n_clusters
+    out["vocab_size"] = assets.vocab_size
+    out["n_probes"] = assets.n_probes
+    out["cache_dir"] = str(assets.cache_dir)
     return out
 
 
 def build_report(model_dir: str | None = None, *, directory: Path | None = None) -> dict[str, Any]:
-    engine = PatchEngine(kinds=_vllm_kinds())
+    engine = PatchEngine(kinds=vllm_kinds())
     process = ProcessInfo("main", "flashhead doctor", os.getpid())
     # The report shows every outcome; the engine's own warnings would only repeat them.
     log = logging.getLogger("flashhead")
@@ -158,12 +157,6 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
         ok = False
     report["ok"] = ok
     return report
-
-
-def _vllm_kinds() -> dict:
-    from flashhead.vllm_kinds import vllm_kinds
-
-    return vllm_kinds()
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
