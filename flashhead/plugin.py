@@ -21,7 +21,14 @@ from flashhead import __version__
 from flashhead.compat.process import ProcessInfo, current_process, hosts
 from flashhead.compat.version import VersionInfo, detect_vllm_version
 from flashhead.engine import FAILED_STATUSES, SKIPPED_STATUSES, PatchEngine, PatchRecord
-from flashhead.registry import PatchSet, check_ranges, load_patchsets, patchset_dir, select_patchset
+from flashhead.registry import (
+    LoadResult,
+    PatchSet,
+    check_ranges,
+    load_patchsets,
+    patchset_dir,
+    select_patchset,
+)
 
 __all__ = ["Activation", "activate", "register"]
 
@@ -107,18 +114,12 @@ def activate(
 
     loaded = load_patchsets(pdir)
     act.problems = [str(p) for p in loaded.problems] + check_ranges(loaded.patchsets)
-    if not version.present:
-        act.note = f"vLLM not found ({version.error or version.source}); nothing to patch"
-        act.flashhead_enabled = False
-        act.seconds = time.perf_counter() - t0
-        return act
-    chosen = select_patchset(loaded.patchsets, version.release_for_matching)
+    chosen = None
+    if version.present:
+        chosen = select_patchset(loaded.patchsets, version.release_for_matching)
     act.patchset = chosen
     if chosen is None:
-        broken = ", ".join(p.name for p in loaded.failed_files)
-        act.note = f"no patchset for vLLM {version.release_for_matching} in {pdir}" + (
-            f" (unreadable: {broken})" if broken else ""
-        )
+        act.note = _no_patchset_note(version, loaded, pdir)
         act.flashhead_enabled = False
         act.seconds = time.perf_counter() - t0
         return act
@@ -153,6 +154,15 @@ def activate(
     )
     act.seconds = time.perf_counter() - t0
     return act
+
+
+def _no_patchset_note(version: VersionInfo, loaded: LoadResult, pdir: Path) -> str:
+    if not version.present:
+        return f"vLLM not found ({version.error or version.source}); nothing to patch"
+    broken = ", ".join(p.name for p in loaded.failed_files)
+    return f"no patchset for vLLM {version.release_for_matching} in {pdir}" + (
+        f" (unreadable: {broken})" if broken else ""
+    )
 
 
 def _ensure_log_handler() -> None:
