@@ -34,7 +34,7 @@ class ConvertOptions:
     cluster_size: int = 16
     probes: int | None = None  # None: auto with --centroids fit, else n_clusters // 16
     centroids: str = "fit"  # fit | mean | normalized (see flashhead.convert.fit)
-    calibration_tokens: int = 8192  # hidden states the fit uses (--centroids fit)
+    calibration_tokens: int = 4096  # hidden states the fit uses (--centroids fit)
     check_tokens: int = 2048  # further held-out hidden states that choose the probes
     calibration_text: str | None = None  # None: the stdlib calibration text
     target_agreement: float = 0.995  # --probes auto: top-1 agreement to reach
@@ -221,7 +221,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds["total"] = time.monotonic() - t0
-    _log(f"wrote {out} in {seconds['total']:.1f} s", opts.progress)
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
+    _log(f"wrote {out} in {seconds['total']:.1f} s ({phases})", opts.progress)
     return ConvertResult(
         out=out,
         architecture=arch,
