@@ -224,11 +224,16 @@ _COMPILE_STATE: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 20  # K * d per row (SmolLM2-135M: 3072 * 576 = 1.8M)
 
 
+def _compile_enabled() -> bool:
+    """FLASHHEAD_CPU_COMPILE is not 0/false/empty (unset means enabled)."""
+    return os.environ.get("FLASHHEAD_CPU_COMPILE", "1") not in ("0", "", "false")
+
+
 def _compiled_gather_dot():
     if "fn" in _COMPILE_STATE:
         return _COMPILE_STATE["fn"]
     fn = None
-    if os.environ.get("FLASHHEAD_CPU_COMPILE", "1") not in ("0", "", "false"):
+    if _compile_enabled():
         try:
             # Static shapes: one kernel per (P, s, d, dtype), compiled on first use (~15 s).
             fn = torch.compile(_gather_dot, dynamic=False, fullgraph=True)
@@ -253,6 +258,6 @@ def cpu_compile_status() -> str:
     """'enabled', 'disabled' (FLASHHEAD_CPU_COMPILE=0) or 'failed: <error>'."""
     if "error" in _COMPILE_STATE:
         return f"failed: {_COMPILE_STATE['error']}"
-    if os.environ.get("FLASHHEAD_CPU_COMPILE", "1") in ("0", "", "false"):
+    if not _compile_enabled():
         return "disabled"
     return "enabled"
