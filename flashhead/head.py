@@ -216,12 +216,25 @@ class FlashHead:
         return h.contiguous()
 
     # -- public API -------------------------------------------------------------------------
-    def candidates(self, h, *, n_probes=None, temperature=None, generators=None) -> Candidates:
+    def candidates(
+        self,
+        h: torch.Tensor,
+        *,
+        n_probes: int | None = None,
+        temperature: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> Candidates:
         h = self._check_h(h)
         ids, scores, _ = self._run(h, n_probes, temperature, generators, want_tokens=False)
         return Candidates(ids=ids, scores=scores)
 
-    def tokens(self, h, *, temperature=None, generators=None) -> torch.Tensor:
+    def tokens(
+        self,
+        h: torch.Tensor,
+        *,
+        temperature: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> torch.Tensor:
         """[B] int64: greedy argmax (T = 0 rows) or a sample among the candidates (T > 0)."""
         h = self._check_h(h)
         if self.uses_dense(h.shape[0], h.device):
@@ -233,10 +246,10 @@ class FlashHead:
 
     def logits(
         self,
-        h,
+        h: torch.Tensor,
         *,
-        temperature=None,
-        generators=None,
+        temperature: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
         dense_rows: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
+
+    from flashhead.registry import PatchSet, PatchSpec
 
 # Decorators that make a method behave like an attribute: the "signature" is the getter's.
 _PROPERTY_DECORATORS = {"property", "cached_property", "functools.cached_property"}
@@ -446,7 +452,7 @@ class TargetResult:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def check_patchset(patchset, tree: SourceTree) -> list[TargetResult]:
+def check_patchset(patchset: PatchSet, tree: SourceTree) -> list[TargetResult]:
     """Check every patch of a loaded `flashhead.registry.PatchSet` against `tree`."""
     rows: list[TargetResult] = []
     for patch in patchset.patches:
@@ -454,7 +460,7 @@ def check_patchset(patchset, tree: SourceTree) -> list[TargetResult]:
     return rows
 
 
-def check_patch(patch, tree: SourceTree) -> list[TargetResult]:
+def check_patch(patch: PatchSpec, tree: SourceTree) -> list[TargetResult]:
     """Rows for one `flashhead.registry.PatchSpec`: its target (or `signature_of` member), then
     kind-specific checks, then each `requires` entry."""
     pid, required = patch.id, bool(getattr(patch, "required", True))
@@ -647,14 +653,14 @@ def tree_version(tree: SourceTree) -> str | None:
     return None
 
 
-def spec_text(spec) -> str:
+def spec_text(spec: SpecifierSet) -> str:
     """A SpecifierSet as people write it: lower bound first (">=0.29,<0.34")."""
     return ",".join(
         str(s) for s in sorted(spec, key=lambda s: (s.operator.startswith("<"), s.version))
     )
 
 
-def _bounds(spec) -> tuple[Version | None, Version | None]:
+def _bounds(spec: SpecifierSet) -> tuple[Version | None, Version | None]:
     low = high = None
     for s in spec:
         if s.operator in (">=", ">", "==", "~="):
@@ -664,11 +670,11 @@ def _bounds(spec) -> tuple[Version | None, Version | None]:
     return low, high
 
 
-def nearest_patchset(patchsets, version: str):
+def nearest_patchset(patchsets: Sequence[PatchSet], version: str) -> PatchSet | None:
     """The patchset whose range is closest to `version` (for triage of an uncovered release)."""
     v = Version(version)
 
-    def distance(ps) -> tuple[float, str]:
+    def distance(ps: PatchSet) -> tuple[float, str]:
         low, high = _bounds(ps.vllm)
         if ps.matches(v):
             return 0.0, ps.name
@@ -686,7 +692,7 @@ def _release_number(v: Version) -> float:
     return parts[0] * 1e6 + parts[1] * 1e3 + parts[2]
 
 
-def check_coverage(patchsets, first: str, last: str) -> list[str]:
+def check_coverage(patchsets: Sequence[PatchSet], first: str, last: str) -> list[str]:
     """Versions in [first, last] that no patchset selects. Coverage only changes at the bounds
     the files name, so probing each bound and a point just above it finds every gap."""
     lo, hi = Version(first), Version(last)

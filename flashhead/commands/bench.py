@@ -19,7 +19,7 @@ def _batches(text: str) -> list[int]:
     return values
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
         help="dense head vs FlashHead timing",

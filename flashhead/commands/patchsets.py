@@ -14,8 +14,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from flashhead.registry import PatchSet
+    from flashhead.staticcheck import SourceTree
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -304,7 +309,9 @@ def _split_ranges(spec, version: Version) -> tuple[str, str | None]:
     return f">={start},<{version.major}.{version.minor + 1}", None
 
 
-def scaffold_text(text: str, old, tree, version: str, new_range: str) -> tuple[str, list]:
+def scaffold_text(
+    text: str, old: PatchSet, tree: SourceTree, version: str, new_range: str
+) -> tuple[str, list[tuple[int, str]]]:
     """Return (new YAML text, [(line, note)]): `text` with the new range and every declared
     signature re-read from `tree`; changed / moved / missing ones get a `# ... in X:` comment."""
     import yaml
