@@ -39,6 +39,7 @@ PROMPTS = [
     "Once upon a time,",
 ]
 SHORT = 16
+AGREEMENT_TOKENS = 32
 
 
 def timed_batch(server: VllmServer, batch: int, max_tokens: int) -> float:
@@ -80,11 +81,31 @@ def run_one(model: Path, label: str, env: dict, args, log_dir: Path) -> dict:
     try:
         server.wait_ready()
         res = measure(server, args.batch, args.tokens, args.repeats)
+        greedy = server.greedy_ids(PROMPTS, AGREEMENT_TOKENS)
         if label == "flashhead" and "FlashHead: serving decode steps of" not in server.log():
             raise RuntimeError(f"FlashHead did not serve decode steps; see {server.log_path}")
     finally:
         server.stop()
-    return {"results": res, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
+    return {
+        "results": res,
+        "greedy": greedy,
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg()[0],
+    }
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    prefix = []
+    for x, y in zip(a, b):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix.append(k)
+    return {
+        "first_token": sum(p > 0 for p in prefix) / len(prefix),
+        "identical": sum(p == AGREEMENT_TOKENS for p in prefix) / len(prefix),
+        "mean_common_prefix": sum(prefix) / len(prefix),
+    }
 
 
 def main() -> int:
@@ -124,11 +145,20 @@ def main() -> int:
         dn = runs["dense"]["results"][b]["decode_tok_s"]
         summary[b] = {"flashhead": fh, "dense": dn, "ratio": fh / dn}
         print(f"{b:>5} {fh:>10.1f} {dn:>10.1f} {fh / dn:>6.2f}x")
+    agree = agreement(runs["flashhead"]["greedy"], runs["dense"]["greedy"])
+    print(
+        f"greedy agreement with dense over {len(PROMPTS)} prompts x {AGREEMENT_TOKENS} tokens: "
+        f"first token {agree['first_token']:.0%}, identical {agree['identical']:.0%}, "
+        f"mean common prefix {agree['mean_common_prefix']:.1f}"
+    )
     for label, r in runs.items():
         print(f"load average during {label}: {r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
     if args.json:
         args.json.write_text(
-            json.dumps({"model": str(args.model), "summary": summary, "runs": runs}, indent=2)
+            json.dumps(
+                {"model": str(args.model), "summary": summary, "agreement": agree, "runs": runs},
+                indent=2,
+            )
         )
     return 0
 
