@@ -463,7 +463,7 @@ def check_patchset(patchset: PatchSet, tree: SourceTree) -> list[TargetResult]:
 def check_patch(patch: PatchSpec, tree: SourceTree) -> list[TargetResult]:
     """Rows for one `flashhead.registry.PatchSpec`: its target (or `signature_of` member), then
     kind-specific checks, then each `requires` entry."""
-    pid, required = patch.id, bool(getattr(patch, "required", True))
+    pid, required = patch.id, patch.required
     rows: list[TargetResult] = []
     if patch.kind == "register_architecture":
         rows.append(_check_target(pid, patch.target, None, tree, required))
@@ -536,19 +536,19 @@ def _check_target(
     if found.kind == "attribute":
         # Set only on instances: the live check (flashhead.engine) sees class-level names,
         # dataclass fields and annotations only, so this target would fail at run time.
+        parts = found.qualname.rsplit(".", 1)
+        owner, name = parts[0], parts[-1]
         row.status = MISSING
         row.detail = _join(
             row.detail,
-            f"{found.qualname.rsplit('.', 1)[-1]} is only assigned on instances "
-            f"(self.{found.qualname.rsplit('.', 1)[-1]} = ... in {found.qualname.rsplit('.', 1)[0]}"
+            f"{name} is only assigned on instances (self.{name} = ... in {owner}"
             f", line {found.lineno}); require a class-level name, a dataclass field or an "
             "annotated attribute instead",
         )
         return row
-    if declared is None:
-        row.found = signature_of(found, tree)
-        return row
     row.found = signature_of(found, tree)
+    if declared is None:
+        return row
     if not row.found:
         row.status = CHANGED if row.status == OK else row.status
         row.detail = _join(row.detail, f"{found.location} is a {found.kind}, not a function")
@@ -565,7 +565,7 @@ def _compare(declared: str, found: str) -> list[str]:
     from flashhead.signatures import compare, parse_signature
 
     return [
-        d.replace("live", "found").replace("live has", "found has")
+        d.replace("live", "found")
         for d in compare(parse_signature(declared), parse_signature(found))
     ]
 
