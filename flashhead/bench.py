@@ -212,7 +212,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     results = []
     for batch in cfg.batches:
         hs = _hidden_states(cfg, weight, batch, n_sets=4 if device.type == "cuda" else 1)
-        slot = {"i": 0}
         h_static = hs[0].clone()
 
         def dense(h=h_static):
@@ -239,8 +238,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         times: dict[str, list[float]] = {name: [] for name in methods}
         names = list(methods)
         for it in range(cfg.iters):
-            h_static.copy_(hs[slot["i"] % len(hs)])
-            slot["i"] += 1
+            h_static.copy_(hs[it % len(hs)])
             order = names if it % 2 == 0 else names[::-1]  # interleave, alternate who goes first
             for name in order:
                 times[name].append(timer.time(runners[name]))
