@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from packaging.version import Version
@@ -77,15 +77,8 @@ class Row:
     spec_decode: str
 
     def cells(self) -> list[str]:
-        return [
-            self.release,
-            self.patchset,
-            self.static_check,
-            self.runtime_check,
-            self.v1_runner,
-            self.v2_runner,
-            self.spec_decode,
-        ]
+        """The row in COLUMNS order (the fields are declared in that order)."""
+        return list(astuple(self))
 
 
 def default_results_path() -> Path:
