@@ -19,6 +19,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, Specifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from flashhead.compat.process import PROCESS_KINDS  # the `process:` values name these kinds
 from flashhead.signatures import SignatureSyntaxError, parse_signature
 
 __all__ = [
@@ -45,7 +46,6 @@ KINDS = ("wrap", "replace", "register_oot", "register_architecture")
 KINDS_WITH_HANDLER = ("wrap", "replace", "register_oot")
 # Kinds whose live signature must be declared: the patch calls or replaces the target.
 KINDS_NEEDING_SIGNATURE = ("wrap", "replace")
-PROCESS_KINDS = ("api", "engine", "worker", "main")
 SERVE_VALUES = ("flashhead", "dense")
 SUPPORT_KEYS = ("v1_runner", "v2_runner", "spec_decode")
 SUPPORT_VALUES = ("flashhead", "dense", "absent")
