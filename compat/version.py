@@ -82,9 +82,7 @@ def detect_vllm_version() -> VersionInfo:
     for dist in _DISTRIBUTIONS:
         try:
             raw = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-        except Exception:  # broken metadata must not break detection
+        except Exception:  # not installed (PackageNotFoundError), or broken metadata
             continue
         if raw:
             return _info(raw, f"importlib.metadata {dist}")
