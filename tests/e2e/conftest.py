@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,17 +18,20 @@ TEST_MODEL_CACHE = os.environ.get("FLASHHEAD_TEST_CACHE") or str(
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random-weight Llama and Qwen3 FlashHead models built here (default probes, and an
-    all-clusters copy), from the shared tiny-model builder's cached base folders."""
+    """Tiny random-weight Llama and Qwen3 FlashHead models built here (1/16 of the clusters
+    probed, and an all-clusters copy), from the shared tiny-model builder's cached bases."""
     root = tmp_path_factory.mktemp("tiny-models")
     out: dict[str, Path] = {}
     for arch, seed in (("llama", 0), ("qwen3", 1)):
         base = cached_tiny_model(
             TEST_MODEL_CACHE, arch=arch, vocab_size=32000, hidden=128, layers=2, seed=seed
         )
-        fh = _models.convert(base, root / f"{arch}-fh")
-        out[f"{arch}-fh"] = fh
-        out[f"{arch}-fh-all"] = _models.with_probes(fh, root / f"{arch}-fh-all", None)
+        converted = _models.convert(base, root / f"{arch}-converted")
+        # Random weights have no cluster structure, so the converter's automatic n_probes may
+        # choose every cluster; the tests want real retrieval: 1/16 of the clusters.
+        n_clusters = json.loads((converted / "config.json").read_text())["n_clusters"]
+        out[f"{arch}-fh"] = _models.with_probes(converted, root / f"{arch}-fh", n_clusters // 16)
+        out[f"{arch}-fh-all"] = _models.with_probes(converted, root / f"{arch}-fh-all", None)
     return out
 
 
