@@ -246,6 +246,7 @@ def _open_gguf(file: Path, dtype: torch.dtype) -> SourceModel:
             f"{file}: transformers cannot read this GGUF ({exc}). Fix: use a GGUF of an "
             "architecture transformers supports, or convert from a Hugging Face folder"
         ) from exc
+    _restore_special_token_template(tokenizer, file)
     model.eval()
     # The diff against the class defaults, as save_pretrained would write it.
     cfg = json.loads(model.config.to_json_string(use_diff=True))
@@ -262,6 +263,43 @@ def _open_gguf(file: Path, dtype: torch.dtype) -> SourceModel:
         special_token_ids=_special_ids(tokenizer, cfg, gen_cfg, weight.shape[0]),
         _model=model,
         _tokenizer=tokenizer,
+    )
+
+
+def _gguf_flag(file: Path, key: str) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(file)).fields.get(key)
+    try:
+        return bool(field.contents()) if field is not None else False
+    except Exception:  # an odd field type: treat as unset
+        return False
+
+
+def _restore_special_token_template(tokenizer: Any, file: Path) -> None:
+    """transformers' GGUF tokenizer drops `tokenizer.ggml.add_bos_token` (Gemma needs its BOS:
+    without it the model degenerates, in vLLM too). Put BOS/EOS back into the post-processor."""
+    add_bos = _gguf_flag(file, "tokenizer.ggml.add_bos_token") and tokenizer.bos_token is not None
+    add_eos = _gguf_flag(file, "tokenizer.ggml.add_eos_token") and tokenizer.eos_token is not None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not (add_bos or add_eos) or backend is None:
+        return
+    ids = tokenizer("a")["input_ids"]
+    if (not add_bos or ids[:1] == [tokenizer.bos_token_id]) and (
+        not add_eos or ids[-1:] == [tokenizer.eos_token_id]
+    ):
+        return
+    from tokenizers import processors
+
+    pre = f"{tokenizer.bos_token} " if add_bos else ""
+    post = f" {tokenizer.eos_token}" if add_eos else ""
+    specials = []
+    if add_bos:
+        specials.append((tokenizer.bos_token, tokenizer.bos_token_id))
+    if add_eos and tokenizer.eos_token != tokenizer.bos_token:
+        specials.append((tokenizer.eos_token, tokenizer.eos_token_id))
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{pre}$A{post}", pair=f"{pre}$A{post} {pre}$B{post}", special_tokens=specials
     )
 
 
