@@ -72,6 +72,7 @@ def write_tiny_gguf(path: Path, tokenizer_dir: Path, seed: int = 0) -> dict[str,
     w.add_bos_token_id(specials["<|endoftext|>"])
     w.add_eos_token_id(specials["<|endoftext|>"])
     w.add_pad_token_id(specials["<|pad|>"])
+    w.add_add_bos_token(True)  # like Gemma's GGUF: transformers' GGUF tokenizer drops it
     for name, t in tensors.items():
         w.add_tensor(name, t.numpy().astype("float32"))
     w.write_header_to_file()
@@ -110,7 +111,12 @@ def test_gguf_to_a_flashhead_folder(tiny_gguf, tmp_path):
     assets = load_assets(out)
     assert torch.bincount(assets.assignments).tolist() == [16] * (V // 16)
     assert set(special_ids) <= set(assets.special_token_ids)
-    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    # The saved tokenizer still adds BOS (as the GGUF's tokenizer.ggml.add_bos_token says).
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(out)("def f(x):")["input_ids"]
+    bos = special_ids[0]  # <|endoftext|> is the first added token
+    assert ids[0] == bos and bos not in ids[1:]
 
 
 def test_gguf_folder_reloads_in_transformers_and_fits(tiny_gguf, tmp_path):
