@@ -1,0 +1,70 @@
+"""The wheel users get from `pip install flashhead`: everything under the flashhead namespace,
+the patchsets shipped as data, and the vLLM entry point in place."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str]:
+    out = tmp_path_factory.mktemp("wheel")
+    # No build isolation: the venv's setuptools builds it, so the test needs no network.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (whl,) = out.glob("flashhead-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    return names, entry_points
+
+
+def test_every_module_lives_under_flashhead(wheel_names):
+    names, _ = wheel_names
+    top = {n.split("/")[0] for n in names if not n.startswith("flashhead-")}
+    assert top == {"flashhead"}
+
+
+def test_kernels_compat_and_patchsets_are_mapped_into_the_package(wheel_names):
+    names, _ = wheel_names
+    for module in (
+        "flashhead/kernels/reference.py",
+        "flashhead/kernels/triton_ops.py",
+        "flashhead/kernels/dispatch.py",
+        "flashhead/compat/version.py",
+        "flashhead/handlers/logits.py",
+        "flashhead/patchsets/support.json",
+    ):
+        assert module in names
+    shipped = {
+        Path(n).name for n in names if n.startswith("flashhead/patchsets/") and n.endswith(".yaml")
+    }
+    in_repo = {p.name for p in (REPO / "patchsets").glob("*.yaml")}
+    assert shipped == in_repo and shipped
+
+
+def test_entry_points(wheel_names):
+    _, entry_points = wheel_names
+    assert "[vllm.general_plugins]\nflashhead = flashhead:register" in entry_points
+    assert "[console_scripts]\nflashhead = flashhead.cli:main" in entry_points
