@@ -217,6 +217,21 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     int(getattr(head, "n_probes", -1)),
                     getattr(head, "backend", "?"),
                 )
+                # The core head may itself hand a batch to its dense GEMM (kernels/dispatch.py:
+                # faster there); say once per path which one served real steps, so tests and
+                # users can tell candidate retrieval from the dispatcher's dense choice.
+                path = (
+                    "dense-by-dispatcher"
+                    if head.uses_dense(len(plan.flash_rows()), hidden_states.device)
+                    else "flashhead"
+                )
+                _log_once(
+                    f"path:{path}",
+                    logging.INFO,
+                    "FlashHead: decode steps of %s served (path: %s)",
+                    state.model,
+                    path,
+                )
             return logits
 
         if has_skip_gather:

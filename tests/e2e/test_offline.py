@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._server import vllm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
@@ -42,7 +43,7 @@ def runs(tiny_models, tmp_path_factory):
     results = {}
     for kind in ("llama", "qwen3"):
         results[f"{kind}-all"] = run_offline(
-            tiny_models[f"{kind}-fh-all"], out / f"{kind}-all.json"
+            tiny_models[f"{kind}-fh-all"], out / f"{kind}-all.json", NEVER_DENSE
         )
         # The dense references run in one process (faster start); FlashHead runs use vLLM's
         # default multiprocess layout (API/engine/worker), like a user's script.
@@ -58,8 +59,8 @@ def runs(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_all_clusters_equals_dense(runs, kind):
     fh, dense = runs[f"{kind}-all"], runs[f"{kind}-dense"]
-    assert "FlashHead: serving decode steps of" in fh["log"]
-    assert "FlashHead: serving decode steps of" not in dense["log"]
+    assert_flashhead_path_only(fh["log"])
+    assert SERVING_LINE not in dense["log"]
     assert fh["greedy"] == dense["greedy"]
     # FlashHead leaves vLLM's sampling stream alone: at all clusters seeded sampling is the dense
     # result too (temperature, top-k, top-p applied by vLLM over identical logits).
@@ -86,7 +87,7 @@ def test_default_probes_differ_from_all_clusters_somewhere(runs):
     # A tiny random-weight head: probing 1/16 of the clusters must change some greedy token,
     # else the default-probe run would not be exercising FlashHead's retrieval at all.
     assert runs["llama-default"]["greedy"] != runs["llama-all"]["greedy"]
-    assert "FlashHead: serving decode steps of" in runs["llama-default"]["log"]
+    assert SERVING_LINE in runs["llama-default"]["log"]
 
 
 def test_refuses_to_load_without_plugin(tiny_models, tmp_path):

@@ -11,12 +11,12 @@ import json
 
 import pytest
 
+from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
 from e2e._server import VllmServer, run_concurrently, start_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 
-SERVING_LINE = "FlashHead: serving decode steps of"
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea:",
@@ -38,6 +38,34 @@ def dense_server(smollm2_fh, e2e_logs):
     server.start()
     yield server
     server.stop()
+
+
+# The FlashHead path scores candidates with a per-row bf16 GEMV, the dense head with one bf16
+# GEMM: both round their logits to bf16 after different accumulation orders, so a near-tie at
+# the top can go either way. Two bf16 steps of a logit below 32 (SmolLM2's range).
+BF16_TIE_LOGPROB = 0.25
+
+
+def assert_greedy_equals_dense(
+    got: list[list[int]], ref: list[list[int]], prompts: list[str], dense: VllmServer
+) -> None:
+    """Greedy ids equal the dense server's, except where the two part at a bf16 near-tie: there
+    the dense server (logprobs are served dense) must rank both tokens within BF16_TIE_LOGPROB."""
+    assert len(got) == len(ref) == len(prompts)
+    for prompt, a, b in zip(prompts, got, ref):
+        assert len(a) == len(b), (prompt, a, b)
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        if k == len(a):
+            continue
+        context = dense.post("/tokenize", {"prompt": prompt})["tokens"] + b[:k]
+        step = dense.complete(
+            context, max_tokens=1, temperature=0.0, logprobs=5, return_tokens_as_token_ids=True
+        )["choices"][0]["logprobs"]["top_logprobs"][0]
+        ranked = {int(key.split(":")[-1]): lp for key, lp in step.items()}
+        assert a[k] in ranked and b[k] in ranked, (prompt, k, a[k], b[k], ranked)
+        gap = abs(ranked[a[k]] - ranked[b[k]])
+        assert gap <= BF16_TIE_LOGPROB, (prompt, k, a[k], b[k], ranked)
+        print(f"\n{prompt!r}: parts from dense at token {k} on a near-tie ({gap:.3f})")
 
 
 def _vocab(model_dir) -> int:
@@ -224,7 +252,9 @@ class TestDefaultProbes:
 @pytest.fixture(scope="class")
 def two_servers(smollm2_fh, tiny_models, dense_server, e2e_logs, tmp_path_factory):
     all_probes = with_probes(smollm2_fh, tmp_path_factory.mktemp("m") / "smollm2-all", None)
-    a = VllmServer(all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all")
+    a = VllmServer(
+        all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all", env=NEVER_DENSE
+    )
     b = VllmServer(tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama")
     start_all([a, b])
     dense_server.wait_ready()
@@ -238,8 +268,8 @@ class TestTwoServers:
         all_probes, _, dense = two_servers
         got = all_probes.greedy_ids(PROMPTS, 32)
         ref = dense.greedy_ids(PROMPTS, 32)
-        assert got == ref
-        assert SERVING_LINE in all_probes.log()
+        assert_greedy_equals_dense(got, ref, PROMPTS, dense)
+        assert_flashhead_path_only(all_probes.log())
 
     def test_each_server_answers_with_its_own_model(self, two_servers, tiny_models):
         smol, tiny, dense = two_servers
@@ -249,7 +279,7 @@ class TestTwoServers:
             + [lambda p=p: tiny.greedy_ids([p], 12)[0] for p in prompts]
         )
         smol_ids, tiny_ids = results[:4], results[4:]
-        assert smol_ids == dense.greedy_ids(prompts, 12)
+        assert_greedy_equals_dense(smol_ids, dense.greedy_ids(prompts, 12), prompts, dense)
         assert tiny_ids == tiny.greedy_ids(prompts, 12)  # deterministic on its own
         assert tiny_ids != smol_ids
         assert all(t < _vocab(tiny_models["llama-fh"]) for ids in tiny_ids for t in ids)

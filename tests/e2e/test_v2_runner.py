@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e.test_offline import run_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
@@ -50,7 +51,7 @@ def runs(tiny_models, tmp_path_factory):
     args = ("--max-tokens", "6", "--prompts", "2")
     model = tiny_models["llama-fh-all"]
     return {
-        "fh": run_offline(model, out / "fh.json", v2_env(), args),
+        "fh": run_offline(model, out / "fh.json", v2_env(NEVER_DENSE), args),
         "dense": run_offline(model, out / "dense.json", v2_env({"FLASHHEAD_ENABLED": "0"}), args),
     }
 
@@ -58,8 +59,8 @@ def runs(tiny_models, tmp_path_factory):
 @needs_v2_cpu
 def test_runs_on_v2_with_flashhead(runs):
     assert "Using V2 Model Runner" in runs["fh"]["log"], runs["fh"]["log"][-3000:]
-    assert "FlashHead: serving decode steps of" in runs["fh"]["log"]
-    assert "FlashHead: serving decode steps of" not in runs["dense"]["log"]
+    assert_flashhead_path_only(runs["fh"]["log"])
+    assert SERVING_LINE not in runs["dense"]["log"]
 
 
 @needs_v2_cpu
