@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from e2e._server import VllmServer, run_concurrently  # noqa: E402
+from helpers.server import VllmServer, run_concurrently  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",

@@ -37,7 +37,7 @@ import json, subprocess, sys
 from pathlib import Path
 
 sys.path.insert(0, "tests")
-from e2e._server import VllmServer  # noqa: E402
+from helpers.server import VllmServer  # noqa: E402
 
 sys.path.insert(0, "scripts")
 from bench_e2e import measure  # noqa: E402

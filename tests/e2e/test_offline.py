@@ -5,36 +5,16 @@ FLASHHEAD_ENABLED=0."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.server import vllm_env
 
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
-from e2e._server import vllm_env
+from e2e._offline import SCRIPT, assert_same_logprobs, run_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
-
-SCRIPT = Path(__file__).with_name("_offline_run.py")
-
-
-def run_offline(
-    model: Path, out: Path, env: dict[str, str] | None = None, args=(), timeout=600
-) -> dict:
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), str(model), str(out), *args],
-        env=vllm_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-6000:]
-    data = json.loads(out.read_text())
-    data["log"] = log
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +54,7 @@ def test_seeded_sampling_repeats(runs, kind):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_logprobs_rows_are_dense(runs, kind):
-    fh, dense = runs[f"{kind}-all"], runs[f"{kind}-dense"]
-    assert fh["logprob_ids"] == dense["logprob_ids"]
-    for steps_a, steps_b in zip(fh["logprobs"], dense["logprobs"]):
-        for a, b in zip(steps_a, steps_b):
-            assert a.keys() == b.keys()
-            for tok in a:
-                assert a[tok] == pytest.approx(b[tok], abs=1e-4)
+    assert_same_logprobs(runs[f"{kind}-all"], runs[f"{kind}-dense"])
 
 
 def test_default_probes_differ_from_all_clusters_somewhere(runs):

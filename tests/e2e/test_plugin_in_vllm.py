@@ -98,6 +98,16 @@ def _model_copy(base: Path, dest: Path, architecture: str) -> Path:
     return dest
 
 
+def _serve_one_completion(
+    model: Path, psdir: Path, log_path: Path, python: str, prompt: str
+) -> tuple[str, str]:
+    """(completion text, server log) of one greedy request to `model` served with `psdir`."""
+    env = {"FLASHHEAD_PATCHSET_DIR": str(psdir)}
+    with vllm_server(model, log_path, python=python, env=env) as server:
+        text = server.complete(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        return text, server.log()
+
+
 def _startup_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r"\[flashhead\] flashhead \d", line)]
 
@@ -113,12 +123,9 @@ def test_plugin_in_every_process_patches_reach_the_worker(base_model, tmp_path, 
         (psdir / name).write_text(text)
     model = _model_copy(base_model, tmp_path / "model", "FlashHeadLlamaForCausalLM")
 
-    log_path = tmp_path / "server.log"
-    with vllm_server(
-        model, log_path=log_path, python=test_python, env={"FLASHHEAD_PATCHSET_DIR": str(psdir)}
-    ) as server:
-        text = server.complete("def add(a, b):", max_tokens=8)
-        log = server.log_text()
+    text, log = _serve_one_completion(
+        model, psdir, tmp_path / "server.log", test_python, "def add(a, b):"
+    )
     assert isinstance(text, str) and text
 
     lines = _startup_lines(log)
@@ -141,12 +148,9 @@ def test_broken_matching_patchset_still_serves(base_model, tmp_path, test_python
     broken = f'schema: 1\nvllm: ">=0.26,<0.40"\npatches:\n{ARCHITECTURES}    colour: red\n'
     (psdir / "vllm-0.26.yaml").write_text(broken)
     model = _model_copy(base_model, tmp_path / "model", "LlamaForCausalLM")
-    log_path = tmp_path / "server.log"
-    with vllm_server(
-        model, log_path=log_path, python=test_python, env={"FLASHHEAD_PATCHSET_DIR": str(psdir)}
-    ) as server:
-        text = server.complete("import os\n", max_tokens=8)
-        log = server.log_text()
+    text, log = _serve_one_completion(
+        model, psdir, tmp_path / "server.log", test_python, "import os\n"
+    )
     assert isinstance(text, str) and text
     assert f"{psdir}/vllm-0.26.yaml:15: patches[0](architectures).colour: unknown field" in log
     lines = _startup_lines(log)

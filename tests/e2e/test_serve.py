@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.server import VllmServer, run_concurrently, start_all
 
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
-from e2e._server import VllmServer, run_concurrently, start_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 

@@ -10,7 +10,7 @@ import pytest
 from packaging.version import Version
 
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
-from e2e.test_offline import run_offline
+from e2e._offline import assert_same_logprobs, run_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 
@@ -75,10 +75,4 @@ def test_seeded_sampling_repeats(runs):
 
 @needs_v2_cpu
 def test_logprobs_rows_are_dense(runs):
-    fh, dense = runs["fh"], runs["dense"]
-    assert fh["logprob_ids"] == dense["logprob_ids"]
-    for steps_a, steps_b in zip(fh["logprobs"], dense["logprobs"]):
-        for a, b in zip(steps_a, steps_b):
-            assert a.keys() == b.keys()
-            for tok in a:
-                assert a[tok] == pytest.approx(b[tok], abs=1e-4)
+    assert_same_logprobs(runs["fh"], runs["dense"])

@@ -1,10 +1,18 @@
-"""Start a real `vllm serve` for tests; talk to it with urllib only.
+"""Start, query and stop real ``vllm serve`` processes for tests and scripts (urllib only).
 
-    with vllm_server(model_dir, log_path=tmp / "server.log") as server:
-        text = server.complete("def add(a, b):", max_tokens=8)
+    with vllm_server(model_dir, tmp / "server.log", env={...}) as server:
+        ids = server.greedy_ids(["def add(a, b):"], max_tokens=8)
 
-The server runs in its own process group (SIGTERM, then SIGKILL of the whole group on stop), logs
-stdout+stderr to `log_path`, and gets ``HF_HUB_OFFLINE=1`` and ``VLLM_CPU_KVCACHE_SPACE=1``.
+or, to start several side by side (start-up dominates; they overlap well on 2 cores):
+
+    servers = [VllmServer(a, log_a), VllmServer(b, log_b)]
+    start_all(servers)
+    ...
+    for s in servers: s.stop()
+
+Each server runs in its own process group (SIGTERM, then SIGKILL of the whole group on stop:
+workers may outlive the API server), writes stdout+stderr to ``log_path``, and gets
+``BASE_ENV`` (offline hub, 1 GiB CPU KV cache) plus the test's own ``env``.
 """
 
 from __future__ import annotations
@@ -19,16 +27,38 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerStartError", "VllmServer", "free_port", "start_server", "vllm_server"]
+__all__ = [
+    "BASE_ENV",
+    "SERVE_ARGS",
+    "ServerStartError",
+    "VllmServer",
+    "free_port",
+    "run_concurrently",
+    "start_all",
+    "vllm_env",
+    "vllm_server",
+]
+
+BASE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+# Lean servers: the e2e suite must stay inside the CI budget. Eager mode: on this class of
+# machine torch.compile adds 20-30 s per start and the tests measure behaviour, not speed.
+SERVE_ARGS = ("--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager")
+START_TIMEOUT_S = float(os.environ.get("FLASHHEAD_E2E_START_TIMEOUT", "420"))
 
 
 class ServerStartError(RuntimeError):
-    pass
+    """`vllm serve` exited or did not become healthy; the message holds the log's tail."""
 
 
 def free_port() -> int:
@@ -37,77 +67,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _vllm_command(python: str) -> list[str]:
-    script = Path(python).parent / "vllm"
-    if script.exists():
-        return [str(script)]
-    return [python, "-m", "vllm.entrypoints.cli.main"]
-
-
-@dataclass
-class VllmServer:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    model_name: str
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def request(
-        self, path: str, payload: Mapping[str, Any] | None = None, timeout: float = 120
-    ) -> Any:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(
-            self.base_url + path, data=data, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = resp.read()
-        return json.loads(body) if body else None
-
-    def completion(
-        self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, **extra: Any
-    ) -> dict:
-        payload = {
-            "model": self.model_name,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        payload.update(extra)
-        return self.request("/v1/completions", payload)
-
-    def complete(self, prompt: str, **kwargs: Any) -> str:
-        return self.completion(prompt, **kwargs)["choices"][0]["text"]
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=5) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Workers may outlive the API server: always sweep the whole group.
-        _signal_group(self.proc, signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        return self.proc.returncode
+def vllm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's env with ``BASE_ENV``, without the switches each test states itself."""
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    for key in ("VLLM_PLUGINS", "FLASHHEAD_ENABLED", "VLLM_USE_V2_MODEL_RUNNER"):
+        env.pop(key, None)  # each test states what it wants
+    env.update(extra or {})
+    return env
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -117,75 +84,160 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def start_server(
-    model: str | os.PathLike[str],
-    *,
-    log_path: str | os.PathLike[str],
-    python: str | None = None,
-    port: int | None = None,
-    extra_args: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-    enforce_eager: bool = True,
-    max_model_len: int = 512,
-    served_model_name: str = "tiny",
-    timeout: float = 300,
-) -> VllmServer:
-    """Start `vllm serve` and wait for /health. Raises ServerStartError with the log's tail."""
-    python = python or os.environ.get("FLASHHEAD_TEST_PYTHON") or sys.executable
-    port = port or free_port()
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        *_vllm_command(python),
-        "serve",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--max-num-seqs",
-        "4",
-        "--served-model-name",
-        served_model_name,
-    ]
-    if enforce_eager:
-        cmd.append("--enforce-eager")
-    cmd += list(extra_args)
-    full_env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    full_env.update(env or {})
-    log = open(log_path, "w")  # noqa: SIM115 - closed when the child has its own copy
-    try:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
-    finally:
-        log.close()
-    server = VllmServer(proc, port, log_path, served_model_name)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerStartError(
-                f"vllm serve exited with {proc.returncode}; log {log_path}:\n{server.log_text()[-4000:]}"
+class VllmServer:
+    """One ``vllm serve`` process; its combined output goes to ``log_path``.
+
+    ``python``: the interpreter whose vLLM serves (default ``$FLASHHEAD_TEST_PYTHON`` or this
+    one). ``args`` come after ``SERVE_ARGS``; ``self.args`` may be edited before ``start()``.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        log_path: str | os.PathLike[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        served_name: str | None = None,
+        python: str | None = None,
+    ):
+        self.model = str(model)
+        self.name = served_name or Path(self.model).name
+        self.port = free_port()
+        self.log_path = Path(log_path)
+        self.env = vllm_env(env)
+        self.args = [*SERVE_ARGS, *args]
+        self.python = python or os.environ.get("FLASHHEAD_TEST_PYTHON") or sys.executable
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> VllmServer:
+        cmd = [
+            self.python,
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            self.name,
+            *self.args,
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        if server.healthy():
-            return server
-        time.sleep(1.0)
-    server.stop()
-    raise ServerStartError(
-        f"vllm serve not healthy after {timeout:.0f}s; log {log_path}:\n{server.log_text()[-4000:]}"
-    )
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> VllmServer:
+        """Wait for /health. Raises ServerStartError with the log's tail."""
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"vllm serve {self.name} exited with {self.proc.returncode}; "
+                    f"log {self.log_path}:\n{self.tail()}"
+                )
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        raise ServerStartError(
+            f"vllm serve {self.name} not healthy after {timeout:.0f}s; "
+            f"log {self.log_path}:\n{self.tail()}"
+        )
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            # SIGTERM to the server's own process group: API server, engine core and worker.
+            _signal_group(self.proc, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        # Workers may outlive the API server: always sweep the whole group.
+        _signal_group(self.proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def post(self, path: str, body: Mapping[str, Any], timeout: float = 300) -> dict:
+        data = json.dumps({"model": self.name, **body}).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(
+                f"{self.name} {path} -> HTTP {exc.code}: {exc.read()[:500]!r}"
+            ) from None
+
+    def complete(self, prompt: str | list[int], **params: Any) -> dict:
+        """/v1/completions; the choices carry ``token_ids`` unless told otherwise."""
+        params.setdefault("return_token_ids", True)
+        return self.post("/v1/completions", {"prompt": prompt, **params})
+
+    def greedy_ids(self, prompts: Sequence[str], max_tokens: int) -> list[list[int]]:
+        def one(p: str) -> list[int]:
+            r = self.complete(p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            return list(r["choices"][0]["token_ids"])
+
+        return run_concurrently([lambda p=p: one(p) for p in prompts])
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]], max_workers: int = 32) -> list:
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        futures = [pool.submit(c) for c in calls]
+        return [f.result() for f in futures]
+
+
+def start_all(servers: Sequence[VllmServer]) -> None:
+    """Start servers side by side and wait for all; on any failure stop them all."""
+    for s in servers:
+        s.start()
+    try:
+        for s in servers:
+            s.wait_ready()
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
 
 
 @contextlib.contextmanager
-def vllm_server(model: str | os.PathLike[str], **kwargs: Any) -> Iterator[VllmServer]:
-    server = start_server(model, **kwargs)
+def vllm_server(
+    model: str | os.PathLike[str], log_path: str | os.PathLike[str], **kwargs: Any
+) -> Iterator[VllmServer]:
+    """A started, healthy server (``VllmServer`` keywords), stopped on exit."""
+    server = VllmServer(model, log_path, **kwargs)
+    start_all([server])
     try:
         yield server
     finally:
