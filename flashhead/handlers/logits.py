@@ -190,13 +190,16 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                         state.dense_reason,
                     )
                     return stock(hidden_states)
+                # Same dtype as the stock head's output (bf16 for a bf16 model): candidate scores
+                # are rounded as the dense GEMM rounds them, so vLLM's argmax breaks bf16 ties the
+                # same way (smallest id) on both paths.
                 logits = _plan_logits(
                     head,
                     hidden_states,
                     plan,
                     stock,
                     _candidate_transform(self.scale, self.soft_cap),
-                )
+                ).to(hidden_states.dtype)
             except Exception as exc:
                 _log_once(
                     f"error:{type(exc).__name__}",
