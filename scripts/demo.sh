@@ -55,13 +55,16 @@ for label, env in (("FlashHead", {}), ("dense (FLASHHEAD_ENABLED=0)", {"FLASHHEA
     server.start()
     try:
         server.wait_ready()
+        # The same greedy questions on both servers, so that
+        # wherever FlashHead at the model's default probes parts from the dense head, it shows.
+        for q in questions:
+            r = server.post(
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0},
+            )
+            answer = r["choices"][0]["message"]["content"].strip()
+            print(f"\nQ: {q}\nA [{label}]: {answer}")
         if not rates:
-            for q in questions:
-                r = server.post(
-                    "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0},
-                )
-                print(f"\nQ: {q}\nA: {r['choices'][0]['message']['content'].strip()}")
             line = next(
                 (l for l in server.log().splitlines() if "FlashHead: serving decode steps" in l), None
             )
