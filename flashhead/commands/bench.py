@@ -6,17 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _batches(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated integers, e.g. 1,8,32"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be positive integers")
-    return values
+from flashhead.commands._args import positive_int_list
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,7 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary size V (default 128256)")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size d (default 2048)")
     p.add_argument(
-        "--batch", type=_batches, default=[1, 8, 32], help="batch sizes (default 1,8,32)"
+        "--batch",
+        type=positive_int_list("1,8,32"),
+        default=[1, 8, 32],
+        help="batch sizes (default 1,8,32)",
     )
     p.add_argument("--probes", type=int, default=256, help="clusters probed per row (default 256)")
     p.add_argument("--cluster-size", type=int, default=16, help="tokens per cluster (default 16)")

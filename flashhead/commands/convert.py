@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashhead.commands._args import positive_int
+
 
 def _special_tokens(text: str) -> list[int] | None:
     """'' / 'auto': the tokenizer's; 'none': no always-scored tokens; else '1,2,3'."""
@@ -22,17 +24,7 @@ def _special_tokens(text: str) -> list[int] | None:
 
 
 def _probes(text: str) -> int | None:
-    return None if text.strip().lower() == "auto" else _positive(text)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return None if text.strip().lower() == "auto" else positive_int(text)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("src", help="Hugging Face model folder or .gguf file")
     p.add_argument("out", help="output folder (must be absent or empty unless --force)")
-    p.add_argument("--cluster-size", type=_positive, default=16, help="tokens per cluster (16)")
+    p.add_argument("--cluster-size", type=positive_int, default=16, help="tokens per cluster (16)")
     p.add_argument(
         "--probes",
         type=_probes,
@@ -65,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--calibration-tokens",
-        type=_positive,
+        type=positive_int,
         default=4096,
         help="hidden states sampled for --centroids fit (4096; 8192 gains little)",
     )
@@ -84,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="top-1 agreement (percent) that --probes auto aims at (99.5)",
     )
     p.add_argument("--seed", type=int, default=0, help="clustering seed (deterministic)")
-    p.add_argument("--iterations", type=_positive, default=8, help="k-means iterations (8)")
+    p.add_argument("--iterations", type=positive_int, default=8, help="k-means iterations (8)")
     p.add_argument(
         "--special-tokens",
         type=_special_tokens,

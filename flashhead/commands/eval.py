@@ -6,17 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers such as 16,64,256, got {text!r}"
-        )
-    return values
+from flashhead.commands._args import positive_int_list
 
 
 def _float_list(text: str) -> list[float]:
@@ -46,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to evaluate on")
     p.add_argument(
         "--probes",
-        type=_int_list,
+        type=positive_int_list("16,64,256"),
         default=list(DEFAULT_PROBES),
         help=f"p values to report (default {','.join(map(str, DEFAULT_PROBES))}; the model's "
         "own n_probes is always added)",
