@@ -266,21 +266,21 @@ def _open_gguf(file: Path, dtype: torch.dtype) -> SourceModel:
     )
 
 
-def _gguf_flag(file: Path, key: str) -> bool:
-    from gguf import GGUFReader
+def _gguf_flags(file: Path) -> dict:
+    from flashhead.convert.gguf_meta import GGUFMetaError, gguf_scalars
 
-    field = GGUFReader(str(file)).fields.get(key)
     try:
-        return bool(field.contents()) if field is not None else False
-    except Exception:  # an odd field type: treat as unset
-        return False
+        return gguf_scalars(file)
+    except GGUFMetaError:  # transformers read it, so only our header scan disagrees: flags unset
+        return {}
 
 
 def _restore_special_token_template(tokenizer: Any, file: Path) -> None:
     """transformers' GGUF tokenizer drops `tokenizer.ggml.add_bos_token` (Gemma needs its BOS:
     without it the model degenerates, in vLLM too). Put BOS/EOS back into the post-processor."""
-    add_bos = _gguf_flag(file, "tokenizer.ggml.add_bos_token") and tokenizer.bos_token is not None
-    add_eos = _gguf_flag(file, "tokenizer.ggml.add_eos_token") and tokenizer.eos_token is not None
+    flags = _gguf_flags(file)
+    add_bos = bool(flags.get("tokenizer.ggml.add_bos_token")) and tokenizer.bos_token is not None
+    add_eos = bool(flags.get("tokenizer.ggml.add_eos_token")) and tokenizer.eos_token is not None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not (add_bos or add_eos) or backend is None:
         return
