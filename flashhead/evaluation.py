@@ -5,6 +5,10 @@ top-1 / top-5 tokens are compared with what `flashhead.head.FlashHead` (the code
 backend) scores for a number of probes p. Reported per p: the share of the vocabulary scored,
 top-1 agreement, top-5 containment, and the smallest p reaching each agreement target.
 
+Two corpora, both held out from `flashhead convert`'s calibration: prose (Python's pydoc topics,
+or a user's file) and chat (the model's own greedy answers to held-out prompts, in its chat
+template). Chat is what a server decodes, and where a prose-only calibration fails.
+
 The p curve comes from the rank of the dense top-1 token's cluster under FlashHead's own stage 1
 scores (int8 centroids, as served): top-1 agrees at p exactly when that rank is below p (or the
 token is an always-scored special token). The listed p values are also checked end to end
@@ -205,43 +209,78 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return model, tok
 
 
+CORPORA = ("prose", "chat")
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     *,
+    corpora: Sequence[str] = CORPORA,
     text: str | None = None,
     probes: Sequence[int] = DEFAULT_PROBES,
     targets: Sequence[float] = DEFAULT_TARGETS,
     n_tokens: int = 4096,
+    answer_tokens: int = 64,
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
     check_end_to_end: bool = True,
-) -> EvalReport:
-    """Run the model over `text` (default: the stdlib evaluation text) and compare heads."""
+) -> dict[str, EvalReport]:
+    """Compare the heads on each corpus, all held out from `flashhead convert`'s calibration:
+    prose (the stdlib evaluation text, or `text`) and chat (the model's own greedy answers to
+    the evaluation half of the shipped prompts, in its chat template: what a server decodes)."""
+    from flashhead.convert.chat import chat_hidden_states
     from flashhead.convert.hidden import sample_hidden_states
     from flashhead.convert.texts import stdlib_text
 
+    unknown = [c for c in corpora if c not in CORPORA]
+    if unknown or not corpora:
+        raise ValueError(f"unknown corpus {unknown or corpora!r} (use {', '.join(CORPORA)})")
     model_dir = Path(model_dir)
     assets = load_assets(model_dir)
     model, tok = load_model(model_dir, dtype=dtype)
-    text = stdlib_text("evaluation") if text is None else text
-    h = sample_hidden_states(
-        model, tok, text, n_tokens=n_tokens, window=512, batch=8, progress=progress
-    ).float()
     weight = model.get_output_embeddings().weight.detach()
     ev = Evaluator(weight, assets)
-    rep = ev.report(h, probes, targets, model=str(model_dir), check_end_to_end=check_end_to_end)
-    rep.meta = {
-        "text": "stdlib pydoc topics (evaluation half)" if text is None else "user text",
-        "body_dtype": str(dtype).replace("torch.", ""),
-    }
-    return rep
+    reports = {}
+    for corpus in corpora:
+        if corpus == "prose":
+            h = sample_hidden_states(
+                model,
+                tok,
+                stdlib_text("evaluation") if text is None else text,
+                n_tokens=n_tokens,
+                window=512,
+                batch=8,
+                progress=progress,
+            )
+            what = "stdlib pydoc topics (evaluation half)" if text is None else "user text"
+        else:
+            h = chat_hidden_states(
+                model,
+                tok,
+                "evaluation",
+                n_tokens=n_tokens,
+                max_new_tokens=answer_tokens,
+                progress=progress,
+            )
+            what = f"own greedy answers (<= {answer_tokens} tokens) to the evaluation prompts"
+        rep = ev.report(
+            h.float(), probes, targets, model=str(model_dir), check_end_to_end=check_end_to_end
+        )
+        rep.meta = {
+            "corpus": corpus,
+            "text": what,
+            "body_dtype": str(dtype).replace("torch.", ""),
+        }
+        reports[corpus] = rep
+    return reports
 
 
 def format_table(rep: EvalReport) -> str:
+    corpus = f" [{rep.meta['corpus']}: {rep.meta['text']}]" if rep.meta.get("corpus") else ""
     lines = [
-        f"{rep.model}: V={rep.vocab_size}, {rep.n_clusters} clusters of {rep.cluster_size}, "
-        f"{rep.n_special} special tokens, n_probes in config {rep.configured_probes}, "
-        f"{rep.n_tokens} positions",
+        f"{rep.model}{corpus}: V={rep.vocab_size}, {rep.n_clusters} clusters of "
+        f"{rep.cluster_size}, {rep.n_special} special tokens, n_probes in config "
+        f"{rep.configured_probes}, {rep.n_tokens} positions",
         f"{'p':>6} {'scored':>8} {'% of V':>7} {'+centroids':>10} {'top-1':>8} {'top-5':>8}",
     ]
     for r in rep.results:

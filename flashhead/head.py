@@ -26,6 +26,15 @@ class Candidates:
     scores: torch.Tensor  # [B, K] float32, -inf on padding slots
 
 
+def quantize_centroids(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's int8 centroids: ([c, d] int8, [c] float32 per-centroid scale), as served."""
+    cent = centroids.float()
+    scale = cent.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    cent_q = torch.round(cent / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return cent_q, scale
+
+
 def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
     """Cluster-major copy of the head (the one extra copy), slot ids and int8 centroids."""
     vocab, d = assets.vocab_size, assets.hidden_size
@@ -62,10 +71,7 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
         slot_home[tail] = assign[specials].to(torch.int32)
         wc[tail] = w[specials]
 
-    cent = assets.centroids.to(device=device, dtype=torch.float32)
-    scale = cent.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    cent_q = torch.round(cent / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
     return ClusterIndex(
         wc=wc,
         slot_ids=slot_ids,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +13,15 @@ from flashhead.convert.clustering import (
     centroids_for,
     fill_greedy,
 )
-from flashhead.convert.fit import cluster_max_logits, fit_centroids
+from flashhead.convert.fit import (
+    Calibration,
+    _folds,
+    auto_probes,
+    cluster_max_logits,
+    cross_validated_probes,
+    fit_centroids,
+    whitening,
+)
 
 
 def _mixture(n_centers: int, per_center: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -91,10 +101,12 @@ def test_cluster_max_logits_matches_brute_force():
     w = torch.randn(64, 8, generator=g)
     a = torch.randperm(64, generator=g) % 8
     h = torch.randn(5, 8, generator=g)
-    got = cluster_max_logits(h, w, a)
+    got, top1 = cluster_max_logits(h, w, a)
     logits = h @ w.T
     want = torch.stack([logits[:, a == c].max(dim=1).values for c in range(8)], dim=1)
     assert torch.allclose(got, want, rtol=2e-2, atol=5e-2)  # bf16 GEMM
+    # the top-1 token is a real argmax up to bf16 rounding
+    assert torch.all(logits.gather(1, top1[:, None]).squeeze(1) >= logits.max(1).values - 5e-2)
 
 
 def test_fitted_centroids_rank_the_winning_cluster_better_than_means():
@@ -115,3 +127,92 @@ def test_fitted_centroids_rank_the_winning_cluster_better_than_means():
 
     print(f"top-8 hit: fitted {top8_hit(fitted):.3f}, mean {top8_hit(mean):.3f}")
     assert top8_hit(fitted) > top8_hit(mean) + 0.1
+
+
+@pytest.mark.parametrize("flat_max", [4096, 8])
+def test_euclidean_metric_is_balanced_deterministic_and_finds_planted_clusters(flat_max):
+    # Planted clusters that share a direction and differ by norm: cosine cannot tell them
+    # apart, euclidean can.
+    g = torch.Generator().manual_seed(7)
+    dirs = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=1)
+    scales = torch.tensor([1.0, 3.0]).repeat(32)
+    centers = dirs.repeat_interleave(2, 0) * scales[:, None] * 4
+    x = centers.repeat_interleave(16, 0) + 0.05 * torch.randn(64 * 16, 16, generator=g)
+    truth = torch.arange(64).repeat_interleave(16)
+    opts = KMeansOptions(
+        cluster_size=16,
+        iterations=6,
+        flat_max_clusters=flat_max,
+        metric="euclidean",
+        progress=False,
+    )
+    a = balanced_kmeans(x, opts)
+    assert torch.bincount(a, minlength=64).tolist() == [16] * 64
+    assert torch.equal(a, balanced_kmeans(x, opts))
+
+    def purity(assign):
+        return sum(int(torch.bincount(truth[assign == c]).max()) for c in range(64)) / x.shape[0]
+
+    cosine = balanced_kmeans(x, KMeansOptions(cluster_size=16, iterations=6, progress=False))
+    print(f"purity: euclidean {purity(a):.3f}, cosine {purity(cosine):.3f}")
+    assert purity(a) > 0.95 and purity(cosine) < 0.9
+    with pytest.raises(ValueError, match="unknown metric"):
+        balanced_kmeans(x, KMeansOptions(cluster_size=16, metric="manhattan", progress=False))
+
+
+def test_whitening_turns_distance_into_expected_squared_logit_error():
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(500, 12, generator=g) @ torch.randn(12, 12, generator=g) + 2.0
+    s = whitening(h)
+    assert torch.allclose(s, s.T, atol=1e-4)
+    delta = torch.randn(20, 12, generator=g)  # w - c for 20 rows
+    expected = ((h @ delta.T) ** 2).mean(dim=0)
+    assert torch.allclose(((delta @ s) ** 2).sum(dim=1), expected, rtol=1e-3)
+
+
+def test_folds_are_contiguous_blocks_within_each_source():
+    source = torch.tensor([0] * 10 + [1] * 6)
+    fold = _folds(source, 4)
+    assert fold[:10].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert fold[10:].tolist() == [0, 0, 1, 2, 2, 3]
+
+
+def test_cross_validated_probes_match_a_direct_out_of_fold_computation():
+    from flashhead.assets import FlashHeadAssets
+    from flashhead.evaluation import Evaluator, probes_for
+
+    g = torch.Generator().manual_seed(9)
+    d, v = 16, 512
+    w = torch.randn(v, d, generator=g)
+    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    h = torch.randn(1200, d, generator=g) * 3
+    source = torch.tensor([0] * 700 + [1] * 500)
+    got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9, folds=2)
+    assert set(got) == {"prose", "chat"}
+    fold = _folds(source, 2)
+    ranks = torch.empty(1200, dtype=torch.int64)
+    top1 = (h @ w.T).argmax(dim=1, keepdim=True)
+    for f in range(2):
+        held = fold == f
+        assets = FlashHeadAssets(
+            model_dir=Path("."),
+            cache_dir=Path("."),
+            centroids=fit_centroids(h[~held], w, a),
+            assignments=a,
+            n_probes=1,
+            special_token_ids=[],
+        )
+        ranks[held] = Evaluator(w, assets).ranks(h[held], top1[held])[:, 0]
+    for i, name in enumerate(("prose", "chat")):
+        want = probes_for(ranks[source == i], 0.9)
+        assert abs(got[name] - want) <= 1, (name, got[name], want)  # bf16 vs fp32 top-1 ties
+    # a source with too few rows gets no estimate
+    few = cross_validated_probes(Calibration(h[:800], source[:800]), w, a, [], 0.9)
+    assert set(few) == {"prose"}
+
+
+def test_auto_probes_margin_rounding_and_cap():
+    assert auto_probes({"prose": 40, "chat": 100}, 3072, 16, 1.25, 0.10) == (128, False)
+    p, capped = auto_probes({"chat": 300}, 3072, 16, 1.25, 0.10)
+    assert capped and p == 307 and p * 16 <= 0.10 * 3072 * 16
+    assert auto_probes({"chat": 5}, 8, 16, 1.25, 1.0) == (8, False)

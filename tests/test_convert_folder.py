@@ -18,7 +18,7 @@ from flashhead.cli import main as cli_main
 from flashhead.convert import ConvertError, ConvertOptions, convert
 from flashhead.head import FlashHead
 
-FAST = dict(iterations=3, progress=False, calibration_tokens=512)
+FAST = dict(iterations=3, progress=False, calibration_tokens=512, chat_tokens=512)
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +105,18 @@ def test_fit_with_auto_probes_agrees_with_the_dense_head(tiny, tmp_path):
     from flashhead.evaluation import Evaluator
 
     out = tmp_path / "fh"
-    res = convert(tiny, out, ConvertOptions(centroids="fit", **FAST))
+    # A random-weight model needs most clusters: lift the 10% cap to test the estimate itself.
+    res = convert(tiny, out, ConvertOptions(centroids="fit", max_share=1.0, **FAST))
     assets = load_assets(out)
     assert 1 <= res.n_probes == assets.n_probes <= 64
+    assert set(res.probe_estimates) == {"prose", "chat"} and not res.probes_capped
+    assert res.n_probes >= max(res.probe_estimates.values())
+    capped = convert(tiny, tmp_path / "capped", ConvertOptions(centroids="fit", **FAST))
+    assert capped.probes_capped and capped.n_probes * 16 <= 0.10 * 1024
     # Held-out text: agreement at the chosen p stays close to the 99.5% target.
-    h = sample_calibration(out, 1024, text=stdlib_text("evaluation"), progress=False).float()
+    h = sample_calibration(
+        out, prose_tokens=1024, chat_tokens=0, text=stdlib_text("evaluation"), progress=False
+    ).h
     w = _head_weight(tiny, "lm_head.weight")
     rep = Evaluator(w, assets).report(h, [assets.n_probes], [0.995], check_end_to_end=True)
     assert rep.results[0].top1_agreement >= 0.97

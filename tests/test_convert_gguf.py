@@ -126,9 +126,35 @@ def test_gguf_folder_reloads_in_transformers_and_fits(tiny_gguf, tmp_path):
     path, tensors, _ = tiny_gguf
     out = tmp_path / "fh"
     res = convert(
-        path, out, ConvertOptions(iterations=2, calibration_tokens=512, progress=False)
+        path,
+        out,
+        ConvertOptions(iterations=2, calibration_tokens=512, chat_tokens=512, progress=False),
     )  # centroids=fit, probes=auto
     assert 1 <= res.n_probes <= V // 16
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     w = model.get_output_embeddings().weight
     assert torch.allclose(w, tensors["token_embd.weight"], atol=1e-2, rtol=1e-2)
+
+
+def test_header_scan_reads_the_same_scalars_as_gguf_reader(tiny_gguf, tmp_path):
+    from flashhead.convert.gguf_meta import GGUFMetaError, gguf_scalars
+
+    path, _, _ = tiny_gguf
+    reader = gguf.GGUFReader(str(path))
+    want = {
+        k: f.contents()
+        for k, f in reader.fields.items()
+        if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY
+    }
+    got = gguf_scalars(path)
+    assert got == want
+    assert got["tokenizer.ggml.add_bos_token"] is True  # the flag convert restores
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:4096])  # inside the token list
+    with pytest.raises(GGUFMetaError, match="truncated or corrupt"):
+        gguf_scalars(cut)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + data[4:4096])
+    with pytest.raises(GGUFMetaError, match="not a GGUF file"):
+        gguf_scalars(bad)

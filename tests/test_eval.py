@@ -81,7 +81,11 @@ def tiny_flashhead(tmp_path_factory) -> Path:
     cache = Path(os.environ.get("FLASHHEAD_TEST_CACHE", tmp_path_factory.mktemp("tiny-cache")))
     src = cached_tiny_model(cache, vocab_size=1024, hidden=64, layers=2)
     out = tmp_path_factory.mktemp("fh") / "tiny-fh"
-    convert(src, out, ConvertOptions(iterations=3, calibration_tokens=512, progress=False))
+    convert(
+        src,
+        out,
+        ConvertOptions(iterations=3, calibration_tokens=512, chat_tokens=512, progress=False),
+    )
     return out
 
 
@@ -90,7 +94,11 @@ def test_cli_eval_json(tiny_flashhead, capsys):
         ["eval", str(tiny_flashhead), "--probes", "1,8,64", "--tokens", "256", "--json", "--quiet"]
     )
     assert rc == 0
-    rep = json.loads(capsys.readouterr().out)
+    reports = json.loads(capsys.readouterr().out)
+    assert set(reports) == {"prose", "chat"}
+    assert reports["chat"]["meta"]["corpus"] == "chat"
+    assert reports["chat"]["n_tokens"] == 256  # answers to the held-out prompts, cut at --tokens
+    rep = reports["prose"]
     assert rep["vocab_size"] == 1024 and rep["n_tokens"] == 256
     by_p = {r["probes"]: r for r in rep["results"]}
     assert {1, 8, 64} <= set(by_p)  # plus the model's own n_probes
@@ -103,9 +111,22 @@ def test_cli_eval_json(tiny_flashhead, capsys):
 def test_cli_eval_text_file_and_errors(tiny_flashhead, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
-    rc = cli_main(["eval", str(tiny_flashhead), "--text", str(text), "--tokens", "128", "--quiet"])
+    rc = cli_main(
+        [
+            "eval",
+            str(tiny_flashhead),
+            "--text",
+            str(text),
+            "--tokens",
+            "128",
+            "--corpus",
+            "prose",
+            "--quiet",
+        ]
+    )
     assert rc == 0
-    assert "top-1 agreement 99.5%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top-1 agreement 99.5%" in out and "[prose: user text]" in out and "chat:" not in out
     short = tmp_path / "short.txt"
     short.write_text("hi")
     assert cli_main(["eval", str(tiny_flashhead), "--text", str(short), "--quiet"]) == 2
@@ -114,3 +135,6 @@ def test_cli_eval_text_file_and_errors(tiny_flashhead, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["eval", str(tiny_flashhead), "--probes", "0,4"])
+    with pytest.raises(SystemExit):
+        cli_main(["eval", str(tiny_flashhead), "--corpus", "prose,poetry"])
+    assert "prose, chat" in capsys.readouterr().err

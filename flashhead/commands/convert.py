@@ -44,22 +44,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_probes,
         default=None,
         help="n_probes written to config.json; 'auto' (default with --centroids fit): the "
-        "smallest p reaching --target-agreement on held-out calibration text, x1.25; "
-        "otherwise clusters // 16",
+        "smallest p reaching --target-agreement on calibration positions held out of the fit "
+        "(cross-validated, for prose and chat answers alike), x1.25, at most --max-share of "
+        "the vocabulary; otherwise clusters // 16",
     )
     p.add_argument(
         "--centroids",
         choices=("fit", "mean", "normalized"),
         default="fit",
-        help="stage 1 centroids: fit (default; least-squares fit of each cluster's best logit "
-        "over hidden states sampled from text, needs transformers), mean of the member rows, "
-        "or its unit direction (upstream)",
+        help="stage 1 clusters and centroids: fit (default; needs transformers: hidden states "
+        "sampled from text and from the model's own chat answers shape the clusters, and each "
+        "centroid is the least-squares fit of its cluster's best logit), mean of the member "
+        "rows, or its unit direction (upstream); mean and normalized cluster the rows by "
+        "direction only",
     )
     p.add_argument(
         "--calibration-tokens",
         type=positive_int,
         default=4096,
-        help="hidden states sampled for --centroids fit (4096; 8192 gains little)",
+        help="positions of calibration text sampled for --centroids fit (4096)",
+    )
+    p.add_argument(
+        "--chat-tokens",
+        type=int,
+        default=4096,
+        help="positions of the model's own greedy answers to the shipped calibration prompts, "
+        "in its chat template, for --centroids fit (4096; 0: prose only, which serves chat "
+        "requests far worse)",
+    )
+    p.add_argument(
+        "--max-share",
+        type=float,
+        default=10.0,
+        metavar="PCT",
+        help="--probes auto never scores more than this percent of the vocabulary (10)",
     )
     p.add_argument(
         "--calibration-text",
@@ -107,6 +125,16 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.chat_tokens < 0:
+        print("flashhead convert: error: --chat-tokens must be 0 or more", file=sys.stderr)
+        return 2
+    if not 0.0 < args.max_share <= 100.0:
+        print(
+            f"flashhead convert: error: --max-share {args.max_share}: expected a percentage "
+            "in (0, 100]",
+            file=sys.stderr,
+        )
+        return 2
     try:
         text = read_text(args.calibration_text, "calibration") if args.calibration_text else None
     except ValueError as exc:
@@ -117,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         probes=args.probes,
         centroids=args.centroids,
         calibration_tokens=args.calibration_tokens,
+        chat_tokens=args.chat_tokens,
+        max_share=args.max_share / 100.0,
         calibration_text=text,
         target_agreement=args.target_agreement / 100.0,
         seed=args.seed,
@@ -139,4 +169,12 @@ def run(args: argparse.Namespace) -> int:
         f"{result.n_clusters} clusters, n_probes={result.n_probes}, "
         f"{len(result.special_token_ids)} special tokens, {result.seconds['total']:.1f} s"
     )
+    if result.probes_capped:
+        print(
+            f"flashhead convert: warning: n_probes {result.n_probes} is capped by --max-share: "
+            f"the held-out estimates ({result.probe_estimates}) x margin ask for more. Check the "
+            f"quality with `flashhead eval {result.out}`",
+            file=sys.stderr,
+        )
+    return 0
     return 0

@@ -21,6 +21,17 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _corpora(text: str) -> list[str]:
+    from flashhead.evaluation import CORPORA
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in CORPORA for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(CORPORA)}, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from flashhead.evaluation import DEFAULT_PROBES
 
@@ -29,11 +40,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="FlashHead vs dense head agreement on real text",
         description="Run a FlashHead model's body (transformers, CPU) over text and report, per "
         "number of probes p: the share of the vocabulary scored, top-1 agreement with the dense "
-        "head, top-5 containment, and the p needed for each agreement target. The default text "
-        "is the half of Python's pydoc topics that `flashhead convert` does not calibrate on.",
+        "head, top-5 containment, and the p needed for each agreement target. Two corpora, "
+        "both held out from `flashhead convert`'s calibration: prose (the half of Python's "
+        "pydoc topics convert does not use, or --text) and chat (the model's own greedy "
+        "answers to the held-out half of the shipped prompts, in its chat template).",
     )
     p.add_argument("model", help="FlashHead model folder (made by `flashhead convert`)")
-    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to evaluate on")
+    p.add_argument(
+        "--corpus",
+        type=_corpora,
+        default=["prose", "chat"],
+        help="corpora to evaluate, comma-separated: prose, chat (default both)",
+    )
+    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text for the prose corpus")
     p.add_argument(
         "--probes",
         type=positive_int_list("16,64,256"),
@@ -47,7 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[99.0, 99.5, 99.9],
         help="top-1 agreement targets in percent (99,99.5,99.9)",
     )
-    p.add_argument("--tokens", type=int, default=4096, help="positions to evaluate (4096)")
+    p.add_argument(
+        "--tokens", type=int, default=4096, help="positions to evaluate per corpus (4096)"
+    )
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
@@ -77,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"flashhead eval: error: {exc}", file=sys.stderr)
         return 2
     probes = sorted(set(args.probes) | {assets.n_probes})
-    report = evaluate(
+    reports = evaluate(
         args.model,
+        corpora=args.corpus,
         text=text,
         probes=probes,
         targets=[t / 100.0 for t in args.targets],
@@ -87,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
     else:
-        print(format_table(report))
+        print("\n\n".join(format_table(r) for r in reports.values()))
     return 0

@@ -6,6 +6,7 @@ interrupted run (Ctrl-C, crash) leaves OUT untouched: either absent, or the old 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,13 @@ from pathlib import Path
 
 from flashhead.assets import write_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
-from flashhead.convert.fit import choose_probes, fit_centroids, sample_calibration
+from flashhead.convert.fit import (
+    auto_probes,
+    cross_validated_probes,
+    fit_centroids,
+    sample_calibration,
+    whitening,
+)
 from flashhead.convert.source import (
     ConvertError,
     SourceModel,
@@ -34,10 +41,13 @@ class ConvertOptions:
     cluster_size: int = 16
     probes: int | None = None  # None: auto with --centroids fit, else n_clusters // 16
     centroids: str = "fit"  # fit | mean | normalized (see flashhead.convert.fit)
-    calibration_tokens: int = 4096  # hidden states the fit uses (--centroids fit)
-    check_tokens: int = 2048  # further held-out hidden states that choose the probes
+    calibration_tokens: int = 4096  # prose positions sampled (--centroids fit)
+    chat_tokens: int = 4096  # positions of the model's own chat answers (--centroids fit)
+    answer_tokens: int = 32  # longest chat answer generated per calibration prompt
     calibration_text: str | None = None  # None: the stdlib calibration text
-    target_agreement: float = 0.995  # --probes auto: top-1 agreement to reach
+    target_agreement: float = 0.995  # --probes auto: top-1 agreement to reach, per source
+    probe_margin: float = 1.25  # --probes auto: the cross-validated p times this
+    max_share: float = 0.10  # --probes auto: never score more than this share of V
     seed: int = 0
     iterations: int = 8
     special_tokens: Sequence[int] | None = None  # None: the tokenizer's special/eos/bos ids
@@ -57,6 +67,9 @@ class ConvertResult:
     n_probes: int
     special_token_ids: list[int]
     seconds: dict[str, float]
+    # --probes auto: cross-validated p per calibration source reaching the target agreement
+    probe_estimates: dict[str, int] = field(default_factory=dict)
+    probes_capped: bool = False  # --probes auto hit max_share before the target x margin
 
 
 def _log(msg: str, enabled: bool) -> None:
@@ -135,7 +148,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     n_clusters = vocab // opts.cluster_size
     if opts.centroids not in ("fit", "mean", "normalized"):
         raise ConvertError(f"--centroids {opts.centroids!r}: expected fit, mean or normalized")
-    auto_probes = opts.probes is None and opts.centroids == "fit"
+    auto_probes_wanted = opts.probes is None and opts.centroids == "fit"
     n_probes = opts.probes if opts.probes is not None else max(1, n_clusters // 16)
     if not 1 <= n_probes <= n_clusters:
         raise ConvertError(f"--probes {n_probes}: expected 1..{n_clusters} (number of clusters)")
@@ -152,11 +165,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     _log(
         f"{source.architecture}: V={vocab}, d={hidden}, {n_clusters} clusters of "
         f"{opts.cluster_size}, centroids: {opts.centroids}, probes: "
-        f"{'auto' if auto_probes else n_probes}",
+        f"{'auto' if auto_probes_wanted else n_probes}",
         opts.progress,
     )
 
-    t1 = time.monotonic()
     w32 = weight.float()
     kmeans = KMeansOptions(
         cluster_size=opts.cluster_size,
@@ -165,47 +177,62 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         device=opts.device,
         progress=opts.progress,
     )
-    assignments = balanced_kmeans(w32, kmeans)
-    seconds["cluster"] = time.monotonic() - t1
-
+    estimates: dict[str, int] = {}
+    capped = False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; OUT should look like mkdir's
-        t2 = time.monotonic()
+        t1 = time.monotonic()
         source.materialize(tmp)
         arch = _write_config(source, tmp, opts.extra_config)
-        seconds["write"] = time.monotonic() - t2
+        seconds["write"] = time.monotonic() - t1
         if opts.centroids == "fit":
-            t3 = time.monotonic()
+            t2 = time.monotonic()
             # The written folder is a plain HF model (bf16): faster to run than a GGUF one.
-            model_dir = src if source.kind == "hf" else tmp
-            h = sample_calibration(
-                model_dir,
-                opts.calibration_tokens + (opts.check_tokens if auto_probes else 0),
+            cal = sample_calibration(
+                src if source.kind == "hf" else tmp,
+                prose_tokens=opts.calibration_tokens,
+                chat_tokens=opts.chat_tokens,
                 text=opts.calibration_text,
+                answer_tokens=opts.answer_tokens,
                 progress=opts.progress,
             )
-            h_fit, h_check = h[: opts.calibration_tokens], h[opts.calibration_tokens :]
-            centroids = fit_centroids(h_fit, w32, assignments)
-            if auto_probes:
-                if h_check.shape[0] < 256:
-                    raise ConvertError(
-                        "the calibration text is too short to choose --probes "
-                        f"({h.shape[0]} tokens). Fix: pass a longer text or set --probes"
-                    )
-                n_probes = choose_probes(
-                    w32, centroids, assignments, specials, h_check, opts.target_agreement
+            seconds["calibrate"] = time.monotonic() - t2
+            t3 = time.monotonic()
+            kmeans = dataclasses.replace(kmeans, metric="euclidean")
+            assignments = balanced_kmeans(w32 @ whitening(cal.h), kmeans)
+            seconds["cluster"] = time.monotonic() - t3
+            t4 = time.monotonic()
+            centroids = fit_centroids(cal.h, w32, assignments)
+            if auto_probes_wanted:
+                estimates = cross_validated_probes(
+                    cal, w32, assignments, specials, opts.target_agreement
                 )
+                if not estimates:
+                    raise ConvertError(
+                        "the calibration gave too few positions to choose --probes "
+                        f"({cal.h.shape[0]}). Fix: pass a longer --calibration-text or set --probes"
+                    )
+                n_probes, capped = auto_probes(
+                    estimates, n_clusters, opts.cluster_size, opts.probe_margin, opts.max_share
+                )
+                found = ", ".join(f"{k} p >= {v}" for k, v in estimates.items())
                 _log(
-                    f"n_probes {n_probes}: top-1 agreement >= {100 * opts.target_agreement:g}% "
-                    f"on held-out calibration text (x1.25 margin)",
+                    f"n_probes {n_probes}: top-1 agreement {100 * opts.target_agreement:g}% on "
+                    f"held-out calibration positions needs {found}; x{opts.probe_margin:g}"
+                    + (
+                        f", capped at {100 * opts.max_share:g}% of the vocabulary" if capped else ""
+                    ),
                     opts.progress,
                 )
-            seconds["fit"] = time.monotonic() - t3
+            seconds["fit"] = time.monotonic() - t4
         else:
+            t3 = time.monotonic()
+            assignments = balanced_kmeans(w32, kmeans)
             centroids = centroids_for(w32, assignments, opts.centroids)
-        t4 = time.monotonic()
+            seconds["cluster"] = time.monotonic() - t3
+        t5 = time.monotonic()
         write_assets(
             tmp,
             centroids,
@@ -216,7 +243,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         )
         _fix_file_modes(tmp)
         _swap_into_place(tmp, out)
-        seconds["write"] += time.monotonic() - t4
+        seconds["write"] += time.monotonic() - t5
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -232,4 +259,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         n_probes=n_probes,
         special_token_ids=list(specials),
         seconds=seconds,
+        probe_estimates=estimates,
+        probes_capped=capped,
     )

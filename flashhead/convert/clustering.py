@@ -1,4 +1,10 @@
-"""Balanced spherical k-means: every cluster gets exactly `cluster_size` rows.
+"""Balanced k-means: every cluster gets exactly `cluster_size` rows.
+
+Two metrics. `cosine` (spherical k-means) groups rows by direction; it needs nothing but the head.
+`euclidean` is plain k-means on the rows as given; `flashhead convert` runs it on the head rows
+times sqrt(E[h h^T]) from sampled hidden states, where the squared distance of a row to its
+centroid is the expected squared logit error h . (w - c) over real text. That keeps the clusters
+tight in the directions hidden states actually use.
 
 FlashHead's kernels load one contiguous `cluster_size x d` tile per probed cluster, so the balance
 is a hard requirement, not a preference. The assignment step is capacity-constrained: per-cluster
@@ -31,6 +37,7 @@ class KMeansOptions:
     candidates: int = 16  # nearest centroids each row may propose to per assignment step
     seed: int = 0
     flat_max_clusters: int = 4096
+    metric: str = "cosine"  # cosine | euclidean (see the module doc)
     device: str | None = None  # None: CUDA when available, else CPU (all cores)
     progress: bool = True
 
@@ -47,8 +54,27 @@ def _score_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+METRICS = ("cosine", "euclidean")
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# Every assignment step ranks centroids by a dot product. For the euclidean metric, rows carry an
+# extra 1 and centroids an extra -|c|^2 / 2, so that x . c - |c|^2 / 2 ranks like -|x - c|^2.
+def _scoring_rows(x: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "cosine":
+        return _normalize(x)
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def _centroids_from_sums(sums: torch.Tensor, metric: str) -> torch.Tensor:
+    """Centroids in scoring form from per-cluster sums of scoring rows (or from single rows)."""
+    if metric == "cosine":
+        return _normalize(sums)
+    mean = sums[:, :-1] / sums[:, -1:].clamp_min(1.0)
+    return torch.cat([mean, -(mean * mean).sum(dim=1, keepdim=True) / 2], dim=1)
 
 
 def _top_candidates(
@@ -228,14 +254,16 @@ def _random_rows(n: int, k: int, generator: torch.Generator, device: torch.devic
 def _kmeans_flat(
     x: torch.Tensor, cluster_size: int, opts: KMeansOptions, generator: torch.Generator, bar
 ) -> torch.Tensor:
-    """Balanced spherical k-means on unit rows x; returns [N] cluster ids."""
+    """Balanced k-means on scoring rows x (`_scoring_rows`); returns [N] cluster ids."""
     n = x.shape[0]
     n_clusters = n // cluster_size
-    centroids = x[_random_rows(n, n_clusters, generator, x.device)].float()
+    centroids = _centroids_from_sums(
+        x[_random_rows(n, n_clusters, generator, x.device)].float(), opts.metric
+    )
     assign = torch.zeros(n, dtype=torch.int64, device=x.device)
     for _ in range(opts.iterations):
         assign = balanced_assign(x, centroids, cluster_size, opts.candidates)
-        centroids = _normalize(_centroid_sums(x, assign, n_clusters))
+        centroids = _centroids_from_sums(_centroid_sums(x, assign, n_clusters), opts.metric)
         bar()
     return assign
 
@@ -259,6 +287,7 @@ def _kmeans_within_groups(
         [_random_rows(n // groups, per_group, generator, x.device) for _ in range(groups)]
     )
     centroids = torch.gather(xg, 1, first[:, :, None].expand(-1, -1, d)).float()
+    centroids = _centroids_from_sums(centroids.view(-1, d), opts.metric).view(groups, per_group, d)
     offset = (torch.arange(groups, device=x.device) * per_group)[:, None, None]
     capacity = torch.full((groups * per_group,), cluster_size, dtype=torch.int64, device=x.device)
     k = per_group  # every cluster of the group: the leftovers always find room
@@ -270,7 +299,7 @@ def _kmeans_within_groups(
         ids = (top.indices + offset).view(n, k)
         assign = assign_from_candidates(ids, top.values.view(n, k), capacity, fill_anywhere=True)
         sums = _centroid_sums(x[order], assign, groups * per_group)
-        centroids = _normalize(sums).view(groups, per_group, d)
+        centroids = _centroids_from_sums(sums, opts.metric).view(groups, per_group, d)
         bar()
     out = torch.empty_like(assign)
     out[order] = assign
@@ -286,8 +315,9 @@ def _group_count(n_clusters: int) -> int:
 
 
 def balanced_kmeans(x: torch.Tensor, opts: KMeansOptions) -> torch.Tensor:
-    """Cluster the rows of x (any scale; clustered by direction) into groups of exactly
-    opts.cluster_size. Returns [N] int64 cluster ids in 0 .. N / cluster_size - 1 (on the CPU)."""
+    """Cluster the rows of x into groups of exactly opts.cluster_size, by direction
+    (opts.metric cosine) or by distance (euclidean). Returns [N] int64 cluster ids in
+    0 .. N / cluster_size - 1 (on the CPU)."""
     n, _ = x.shape
     s = opts.cluster_size
     if s < 1 or n % s:
@@ -295,11 +325,13 @@ def balanced_kmeans(x: torch.Tensor, opts: KMeansOptions) -> torch.Tensor:
             f"the head has {n} rows, which is not a multiple of the cluster size {s}; "
             f"pick a cluster size that divides {n}"
         )
+    if opts.metric not in METRICS:
+        raise ValueError(f"unknown metric {opts.metric!r} (use {' or '.join(METRICS)})")
     if opts.iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {opts.iterations}")
     device = pick_device(opts.device)
     generator = torch.Generator().manual_seed(opts.seed)
-    xs = _normalize(x.to(device=device, dtype=torch.float32))
+    xs = _scoring_rows(x.to(device=device, dtype=torch.float32), opts.metric)
     n_clusters = n // s
     flat = n_clusters <= opts.flat_max_clusters
     steps = opts.iterations * (1 if flat else 2)

@@ -1,0 +1,150 @@
+"""Hidden states from the model's own chat answers: the distribution a served model decodes in.
+
+Prose read by teacher forcing is not what a chat server scores. At a decode step the head sees the
+hidden state after the model's own previous tokens, inside its chat template. So the model answers
+shipped user prompts (`prompts.txt`, split into two disjoint halves like the prose text) greedily
+with its dense head, and the head inputs are taken at every position that predicts an answer
+token: the last prompt position and the answer itself, up to the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import torch
+
+from flashhead.convert.progress import Progress
+from flashhead.convert.texts import SPLITS
+
+# Used when the tokenizer has no chat template (e.g. some GGUF exports).
+_PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
+
+
+def chat_prompts(split: str) -> list[str]:
+    """The calibration or evaluation half of the shipped user prompts (every other line)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown prompt split {split!r} (use {' or '.join(SPLITS)})")
+    text = resources.files("flashhead.convert").joinpath("prompts.txt").read_text("utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0::2] if split == "calibration" else lines[1::2]
+
+
+def chat_prefix(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of `prompt` as one user turn, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    ids = tokenizer(_PLAIN_TEMPLATE.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(model.generation_config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+@torch.inference_mode()
+def _answer(
+    model: Any,
+    prefixes: list[list[int]],
+    max_new_tokens: int,
+    stop: set[int],
+    pad: int,
+    steps: list[torch.Tensor],
+) -> list[list[int]]:
+    """Greedy answers (dense head), batched with left padding and a KV cache. The head's pre-hook
+    fills `steps` with one [B, d] head input per generated token, so no second pass is needed."""
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=sorted(stop) or None,
+        # The answers must be the dense greedy ones, whatever the model's generation_config says.
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=None,
+    )
+    answers = []
+    for row in out[:, width:].tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t in stop:
+                break
+        answers.append(kept)
+    return answers
+
+
+@torch.inference_mode()
+def chat_hidden_states(
+    model: Any,
+    tokenizer: Any,
+    split: str,
+    *,
+    n_tokens: int = 4096,
+    max_new_tokens: int = 64,
+    batch: int = 32,
+    progress: bool = True,
+    label: str = "chat answers",
+) -> torch.Tensor:
+    """[N, d] float32 head inputs at the answer positions of the model's own greedy chat answers,
+    N <= n_tokens, prompts taken in order from the `split` half until n_tokens are reached."""
+    prompts = chat_prompts(split)
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(stop) if stop else 0
+    steps: list[torch.Tensor] = []
+
+    def grab(_module, args):
+        # [B, L, d] at the prefill (or [B, 1, d] when only the last position is kept), then
+        # [B, 1, d] per step: the last position predicts the next answer token.
+        steps.append(args[0][:, -1].detach().float().cpu())
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    collected: list[torch.Tensor] = []
+    total = 0
+    # About max_new_tokens / 2 positions per prompt; the bar counts prompts.
+    expected = min(len(prompts), max(1, 2 * n_tokens // max(1, max_new_tokens)))
+    try:
+        with Progress(label, total=expected, enabled=progress) as bar:
+            for start in range(0, len(prompts), batch):
+                if total >= n_tokens:
+                    break
+                prefixes = [chat_prefix(tokenizer, p) for p in prompts[start : start + batch]]
+                steps.clear()
+                answers = _answer(model, prefixes, max_new_tokens, stop, pad, steps)
+                h = torch.stack(steps, dim=1)  # [B, steps, d]; step t predicts answer token t
+                for i, a in enumerate(answers):
+                    collected.append(h[i, : len(a)])
+                    total += len(a)
+                bar.update(len(prefixes))
+    finally:
+        handle.remove()
+    if not collected:
+        raise ValueError("no chat answers were generated")
+    return torch.cat(collected)[:n_tokens]
