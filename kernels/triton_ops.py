@@ -203,10 +203,70 @@ def _select_kernel(
     tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
 
 
+@triton.jit
+def _select_radix_kernel(
+    keys_ptr, out_ptr, C, P, N_SPECIAL, stride_k, stride_o,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # Same contract as _select_kernel; the threshold comes from a radix select instead of a
+    # 32-step bisection: 4 passes, each a 256-bin histogram of the next byte of the keys that
+    # still share the threshold's prefix. Pending a GPU timing against the bisection
+    # (FLASHHEAD_TRITON_SELECT=radix; scripts/gpu_check.sh times both).
+    b = tl.program_id(0)
+    rc = tl.arange(0, BLOCK)
+    valid = rc < C
+    x = tl.load(keys_ptr + b * stride_k + rc, mask=valid, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like the floats
+    bins = tl.arange(0, 512)
+    need = P  # keys still to take at or above the threshold, among those matching the prefix
+    live = valid  # keys whose bytes so far equal the threshold's
+    thr = 0  # the threshold's bytes found so far, as a signed int32 prefix
+    for k in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * k
+        if k == 0:
+            digit = ((u >> 24) + 128) & 0xFF  # sign byte, reordered so 0..255 ascends
+        else:
+            digit = (u >> shift) & 0xFF
+        # Keys off the prefix go to bins 256..511, which are ignored (no masked histogram needed).
+        hist = tl.histogram(tl.where(live, digit, 256 + (rc & 255)), 512)
+        hist = tl.where(bins < 256, hist, 0)
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)  # keys with digit >= bin
+        pick = tl.sum((at_or_above >= need).to(tl.int32), axis=0) - 1
+        above_pick = tl.sum(tl.where(bins == pick + 1, at_or_above, 0), axis=0)
+        need = need - above_pick
+        live = live & (digit == pick)
+        if k == 0:
+            thr = (pick - 128) << 24
+        else:
+            thr = thr | (pick << shift)
+    above = (u > thr) & valid
+    tied = (u == thr) & valid
+    room = P - tl.sum(above.to(tl.int32), axis=0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + b * stride_o + pos, rc.to(tl.int64), mask=chosen)
+    rs = tl.arange(0, BLOCK_S)
+    tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
+
+
 MAX_SELECT_CLUSTERS = 1 << 16  # keys per row held in one program's registers
+SELECT_METHODS = ("bisect", "radix")
 
 
-def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:
+def select_method() -> str:
+    """FLASHHEAD_TRITON_SELECT: bisect (default, the method timed on a GPU) or radix."""
+    method = os.environ.get("FLASHHEAD_TRITON_SELECT", "bisect").strip().lower() or "bisect"
+    if method not in SELECT_METHODS:
+        raise ValueError(
+            f"FLASHHEAD_TRITON_SELECT={method!r}: expected one of {', '.join(SELECT_METHODS)}"
+        )
+    return method
+
+
+def select_probes(
+    keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0, method: str | None = None
+) -> torch.Tensor:
     """Top-p clusters per row; semantics of `reference.select_probes`."""
     _check_device(keys)
     n_rows, c = keys.shape
@@ -221,7 +281,8 @@ def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0
     override = None if _interpreting() else _env_blocks("FLASHHEAD_TRITON_SEL", 1)
     if override:
         warps = override[0]
-    _select_kernel[(n_rows,)](
+    kernel = _select_radix_kernel if (method or select_method()) == "radix" else _select_kernel
+    kernel[(n_rows,)](
         keys, out, c, n_probes, n_special_clusters, keys.stride(0), out.stride(0),
         BLOCK=block, BLOCK_S=max(16, _pow2(n_special_clusters)), num_warps=warps,
     )  # fmt: skip

@@ -104,8 +104,9 @@ def test_refuses_cpu_tensors_without_interpreter(monkeypatch, make_assets):
         triton_ops.probe_keys(torch.randn(1, 32), head.index.cent_q, head.index.cent_scale)
 
 
+@pytest.mark.parametrize("method", triton_ops.SELECT_METHODS)
 @pytest.mark.parametrize("c,p,n_special", [(16, 4, 0), (1000, 100, 2), (37, 37, 1)])
-def test_select_probes_matches_reference_with_ties(device, c, p, n_special):
+def test_select_probes_matches_reference_with_ties(device, c, p, n_special, method):
     from flashhead.kernels import reference
 
     gen = torch.Generator().manual_seed(c)
@@ -115,7 +116,7 @@ def test_select_probes_matches_reference_with_ties(device, c, p, n_special):
     keys[2, 5] = -keys[2, 5].abs() - 1e-30  # tiny negative and mixed signs
     keys[2, :9] = torch.tensor([3e38, -3e38, 1e-38, -1e-38, 1e30, -1e30, 7.0, -7.0, 0.5])
     want = reference.select_probes(keys, p, n_special)
-    got = triton_ops.select_probes(keys.to(device), p, n_special).cpu()
+    got = triton_ops.select_probes(keys.to(device), p, n_special, method=method).cpu()
     assert torch.equal(got, want)
     assert (got[:, :p].diff(dim=1) > 0).all()  # ascending cluster order
     assert torch.equal(got[:, p:], torch.arange(c, c + n_special).expand(3, -1))
@@ -126,3 +127,30 @@ def test_select_probes_matches_reference_with_ties(device, c, p, n_special):
         out[got[row, :p]] = False
         if out.any():
             assert keys[row, out].max() <= kept.min()
+
+
+@pytest.mark.parametrize("method", triton_ops.SELECT_METHODS)
+def test_select_probes_separates_keys_that_differ_only_in_the_last_bits(device, method):
+    # Llama-3.2's cluster count; keys one ulp apart (the radix select's last byte decides) and
+    # a row whose keys share the sign/exponent byte with opposite signs around zero.
+    from flashhead.kernels import reference
+
+    c, p = 8016, 256
+    base = torch.full((c,), 1.5)
+    ulps = torch.randperm(c, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    close = (base.view(torch.int32) + ulps).view(torch.float32)
+    mixed = torch.randn(c, generator=torch.Generator().manual_seed(4)) * 1e-3
+    keys = torch.stack([close, mixed, -close])
+    want = reference.select_probes(keys, p)
+    got = triton_ops.select_probes(keys.to(device), p, method=method).cpu()
+    assert torch.equal(got, want)
+
+
+def test_select_method_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FLASHHEAD_TRITON_SELECT", raising=False)
+    assert triton_ops.select_method() == "bisect"
+    monkeypatch.setenv("FLASHHEAD_TRITON_SELECT", "radix")
+    assert triton_ops.select_method() == "radix"
+    monkeypatch.setenv("FLASHHEAD_TRITON_SELECT", "heap")
+    with pytest.raises(ValueError, match="FLASHHEAD_TRITON_SELECT='heap'"):
+        triton_ops.select_method()
