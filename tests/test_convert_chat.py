@@ -12,7 +12,12 @@ import pytest
 import torch
 from helpers.tiny_models import cached_tiny_model
 
-from flashhead.convert.chat import chat_hidden_states, chat_prefix, chat_prompts
+from flashhead.convert.chat import (
+    chat_hidden_states,
+    chat_prefix,
+    chat_prompts,
+    uses_chat_template,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +65,13 @@ def test_chat_prefix_uses_the_template_or_a_plain_fallback(tiny):
     finally:
         tok.chat_template = None
     assert templated == "<|endoftext|>user: Name a color.\n<|endoftext|>assistant:"
+    # A template that refuses a lone user turn falls back to the plain form.
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    try:
+        assert not uses_chat_template(tok)
+        assert tok.decode(chat_prefix(tok, "Name a color.")) == plain
+    finally:
+        tok.chat_template = None
 
 
 @torch.inference_mode()

@@ -219,3 +219,25 @@ def test_cli_rejects_bad_arguments(tiny, tmp_path, capsys):
         cli_main(["convert", str(tiny), str(tmp_path / "o"), "--cluster-size", "0"])
     rc = cli_main(["convert", str(tiny), str(tmp_path / "o"), "--target-agreement", "100"])
     assert rc == 2 and "--target-agreement" in capsys.readouterr().err
+    rc = cli_main(["convert", str(tiny), str(tmp_path / "o"), "--max-share", "0"])
+    assert rc == 2 and "--max-share 0.0: expected a percentage in (0, 100]" in (
+        capsys.readouterr().err
+    )
+    rc = cli_main(["convert", str(tiny), str(tmp_path / "o"), "--chat-tokens", "-1"])
+    assert rc == 2 and "--chat-tokens must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prose_only_calibration_and_the_cap_warning(tiny, tmp_path, capsys):
+    out = tmp_path / "fh"
+    rc = cli_main(
+        [
+            "convert", str(tiny), str(out), "--chat-tokens", "0", "--calibration-tokens", "512",
+            "--iterations", "2", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    # A random-weight model needs far more than 10% of V: the cap decides, and says so.
+    assert "capped by --max-share" in err and "'prose'" in err and "'chat'" not in err
+    assert load_assets(out).n_probes * 16 <= 0.10 * 1024

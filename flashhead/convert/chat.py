@@ -31,8 +31,10 @@ def chat_prompts(split: str) -> list[str]:
 
 
 def chat_prefix(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of `prompt` as one user turn, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None):
+    """Token ids of `prompt` as one user turn, ready for the assistant's answer: the tokenizer's
+    chat template, or `User: ...\nAssistant:` where it has none (or its template refuses a
+    lone user turn)."""
+    if uses_chat_template(tokenizer):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
@@ -41,6 +43,19 @@ def chat_prefix(tokenizer: Any, prompt: str) -> list[int]:
         return [int(t) for t in ids]
     ids = tokenizer(_PLAIN_TEMPLATE.format(prompt=prompt), add_special_tokens=True)["input_ids"]
     return [int(t) for t in ids]
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own chat template formats a single user turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # a template that raises (jinja errors, role checks): use the plain form
+        return False
+    return True
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -26,6 +26,7 @@ answers; with chat answers in the calibration and the whitened clusters, ~190-23
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -168,7 +169,7 @@ def sample_calibration(
     """Head inputs from the model in `model_dir` (bf16 body, as vLLM serves it): `prose_tokens`
     positions of the calibration half of the stdlib text (or `text`), then `chat_tokens`
     positions of the model's greedy answers to the calibration half of the shipped prompts."""
-    from flashhead.convert.chat import chat_hidden_states
+    from flashhead.convert.chat import chat_hidden_states, uses_chat_template
     from flashhead.convert.hidden import sample_hidden_states
     from flashhead.convert.texts import stdlib_text
     from flashhead.evaluation import load_model
@@ -189,6 +190,14 @@ def sample_calibration(
         parts.append(prose)
         sources.append(torch.full((prose.shape[0],), SOURCES.index("prose")))
     if chat_tokens:
+        if progress:
+            form = (
+                "its chat template"
+                if uses_chat_template(tok)
+                else "the plain 'User: ...\\nAssistant:' form (the tokenizer has no usable "
+                "chat template)"
+            )
+            print(f"flashhead convert: chat calibration prompts in {form}", file=sys.stderr)
         chat = chat_hidden_states(
             model,
             tok,
