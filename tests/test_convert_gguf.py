@@ -158,3 +158,27 @@ def test_header_scan_reads_the_same_scalars_as_gguf_reader(tiny_gguf, tmp_path):
     bad.write_bytes(b"GGML" + data[4:4096])
     with pytest.raises(GGUFMetaError, match="not a GGUF file"):
         gguf_scalars(bad)
+
+
+def test_reading_a_gguf_parses_it_once_and_leaves_the_gguf_module_as_it_was(tiny_gguf):
+    from flashhead.convert.source import open_source
+
+    path, tensors, _ = tiny_gguf
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed = []
+
+    class CountingReader(reader):
+        def __init__(self, *args, **kwargs):
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    gguf.GGUFReader = CountingReader
+    try:
+        src = open_source(path)
+        assert gguf.GGUFReader is CountingReader  # restored to what it was before
+    finally:
+        gguf.GGUFReader = reader
+    assert len(parsed) == 1  # transformers asks three times: config, tokenizer, weights
+    assert gguf.get_tensor_name_map is name_map
+    w = tensors["token_embd.weight"]
+    assert torch.allclose(src.head_weight.float(), w, atol=1e-2, rtol=1e-2)

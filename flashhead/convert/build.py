@@ -21,6 +21,7 @@ from flashhead.assets import write_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
 from flashhead.convert.fit import (
     auto_probes,
+    cluster_max_logits,
     cross_validated_probes,
     fit_centroids,
     sample_calibration,
@@ -204,10 +205,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
             assignments = balanced_kmeans(w32 @ whitening(cal.h), kmeans)
             seconds["cluster"] = time.monotonic() - t3
             t4 = time.monotonic()
-            centroids = fit_centroids(cal.h, w32, assignments)
+            targets = cluster_max_logits(cal.h, w32, assignments)
+            centroids = fit_centroids(cal.h, w32, assignments, targets=targets)
             if auto_probes_wanted:
                 estimates = cross_validated_probes(
-                    cal, w32, assignments, specials, opts.target_agreement
+                    cal, w32, assignments, specials, opts.target_agreement, targets=targets
                 )
                 if not estimates:
                     raise ConvertError(

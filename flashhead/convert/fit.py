@@ -94,16 +94,19 @@ def fit_centroids(
     assignments: torch.Tensor,
     *,
     ridge: float = 1e-2,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[c, d] float32 centroids with h . c_k ~ the best logit of cluster k (see module doc).
 
-    `ridge` is relative to the mean eigenvalue of H^T H, so it does not depend on N or scale."""
+    `ridge` is relative to the mean eigenvalue of H^T H, so it does not depend on N or scale.
+    `targets`: `cluster_max_logits(h, weight, assignments)` when the caller already has it (it
+    is the costly part: N x V x d)."""
     from flashhead.convert.clustering import centroids_for
 
     h = h.float()
     mean = centroids_for(weight.float(), assignments, "mean")
-    targets, _ = cluster_max_logits(h, weight, assignments)
-    return _solve(h, targets, mean, ridge)
+    max_logits, _ = targets if targets is not None else cluster_max_logits(h, weight, assignments)
+    return _solve(h, max_logits, mean, ridge)
 
 
 def _folds(source: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,9 +128,11 @@ def cross_validated_probes(
     *,
     folds: int = 4,
     ridge: float = 1e-2,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Per source with enough rows: the smallest p whose top-1 agreement reaches `target` on
-    rows the centroids were not fitted on, scored as served (int8 centroids)."""
+    rows the centroids were not fitted on, scored as served (int8 centroids). `targets` as in
+    `fit_centroids`."""
     from flashhead.convert.clustering import centroids_for
     from flashhead.evaluation import cluster_ranks, probes_for
     from flashhead.head import quantize_centroids
@@ -135,14 +140,16 @@ def cross_validated_probes(
 
     h = cal.h.float()
     mean = centroids_for(weight.float(), assignments, "mean")
-    targets, top1 = cluster_max_logits(h, weight, assignments)
+    max_logits, top1 = (
+        targets if targets is not None else cluster_max_logits(h, weight, assignments)
+    )
     fold = _folds(cal.source, folds)
     ranks = torch.empty(h.shape[0], dtype=torch.int64)
     for f in range(folds):
         held = fold == f
         if not bool(held.any()):
             continue
-        cent_q, scale = quantize_centroids(_solve(h[~held], targets[~held], mean, ridge))
+        cent_q, scale = quantize_centroids(_solve(h[~held], max_logits[~held], mean, ridge))
         rows = torch.nonzero(held).flatten()
         for start in range(0, rows.numel(), _ROWS_PER_BLOCK):
             r = rows[start : start + _ROWS_PER_BLOCK]
