@@ -113,8 +113,11 @@ class TestDefaultProbes:
             f"mean common prefix {sum(prefix) / len(prefix):.1f}/{n_tokens} tokens, "
             f"position-wise {same_tokens}/{n_tokens * len(PROMPTS)}"
         )
-        # The retrieval must find the dense argmax on most first steps of a real model.
-        assert sum(p > 0 for p in prefix) >= len(PROMPTS) // 2
+        # The retrieval must find the dense argmax on most first steps of a real model, and keep
+        # most 32-token completions whole: at ~99.8% per-step agreement ~7.5 of 8 are expected
+        # (measured 8/8 at p=288; the prose-only calibration of the first release gave 3/8).
+        assert sum(p > 0 for p in prefix) >= len(PROMPTS) - 1
+        assert sum(p == n_tokens for p in prefix) >= 5
 
     def test_logprobs_requests_are_served_dense(self, default_probe_servers):
         fh, dense = default_probe_servers
