@@ -248,8 +248,6 @@ def evaluate(
                 tok,
                 stdlib_text("evaluation") if text is None else text,
                 n_tokens=n_tokens,
-                window=512,
-                batch=8,
                 progress=progress,
             )
             what = "stdlib pydoc topics (evaluation half)" if text is None else "user text"

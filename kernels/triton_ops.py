@@ -169,20 +169,41 @@ def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
 
 
 @triton.jit
-def _select_kernel(
-    keys_ptr, out_ptr, C, P, N_SPECIAL, stride_k, stride_o,
-    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    # One program per row: bisect on order-preserving integer keys for the p-th largest value,
-    # then keep everything above it and the first tied ones, compacted in ascending cluster order.
-    b = tl.program_id(0)
+def _ordered_keys(keys_ptr, b, stride_k, C, BLOCK: tl.constexpr):
+    """Row b's keys as int32 ordered like the floats; padding below every real key (only a NaN
+    pattern maps to INT32_MIN)."""
     rc = tl.arange(0, BLOCK)
     valid = rc < C
     x = tl.load(keys_ptr + b * stride_k + rc, mask=valid, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
-    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like the floats
-    # Padding below every real key (only a NaN pattern maps to INT32_MIN).
-    u = tl.where(valid, u, -2147483647 - 1)
+    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return rc, valid, tl.where(valid, u, -2147483647 - 1)
+
+
+@triton.jit
+def _store_selection(
+    out_ptr, b, stride_o, rc, valid, u, thr, C, P, N_SPECIAL, BLOCK_S: tl.constexpr
+):  # fmt: skip
+    """Keep every key above the threshold `thr` and the first tied ones up to P, compacted in
+    ascending cluster order, then the special-token clusters."""
+    above = (u > thr) & valid
+    tied = (u == thr) & valid
+    room = P - tl.sum(above.to(tl.int32), axis=0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + b * stride_o + pos, rc.to(tl.int64), mask=chosen)
+    rs = tl.arange(0, BLOCK_S)
+    tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
+
+
+@triton.jit
+def _select_kernel(
+    keys_ptr, out_ptr, C, P, N_SPECIAL, stride_k, stride_o,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # One program per row: bisect on order-preserving integer keys for the p-th largest value.
+    b = tl.program_id(0)
+    rc, valid, u = _ordered_keys(keys_ptr, b, stride_k, C, BLOCK)
     # Bisection for T = the largest t with count(u >= t) >= P, over [min, max] of the row's keys
     # (int64 scalars so that mid never overflows; every mid lies in that int32 range).
     lo = tl.min(tl.where(valid, u, 2147483647), axis=0).to(tl.int64)
@@ -192,15 +213,7 @@ def _select_kernel(
         enough = tl.sum((u >= mid.to(tl.int32)).to(tl.int32), axis=0) >= P
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    lo = lo.to(tl.int32)
-    above = u > lo
-    tied = (u == lo) & valid
-    room = P - tl.sum(above.to(tl.int32), axis=0)
-    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + b * stride_o + pos, rc.to(tl.int64), mask=chosen)
-    rs = tl.arange(0, BLOCK_S)
-    tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
+    _store_selection(out_ptr, b, stride_o, rc, valid, u, lo.to(tl.int32), C, P, N_SPECIAL, BLOCK_S)
 
 
 @triton.jit
@@ -213,11 +226,7 @@ def _select_radix_kernel(
     # still share the threshold's prefix. Pending a GPU timing against the bisection
     # (FLASHHEAD_TRITON_SELECT=radix; scripts/gpu_check.sh times both).
     b = tl.program_id(0)
-    rc = tl.arange(0, BLOCK)
-    valid = rc < C
-    x = tl.load(keys_ptr + b * stride_k + rc, mask=valid, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32, ordered like the floats
+    rc, valid, u = _ordered_keys(keys_ptr, b, stride_k, C, BLOCK)
     bins = tl.arange(0, 512)
     need = P  # keys still to take at or above the threshold, among those matching the prefix
     live = valid  # keys whose bytes so far equal the threshold's
@@ -240,14 +249,7 @@ def _select_radix_kernel(
             thr = (pick - 128) << 24
         else:
             thr = thr | (pick << shift)
-    above = (u > thr) & valid
-    tied = (u == thr) & valid
-    room = P - tl.sum(above.to(tl.int32), axis=0)
-    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-    pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + b * stride_o + pos, rc.to(tl.int64), mask=chosen)
-    rs = tl.arange(0, BLOCK_S)
-    tl.store(out_ptr + b * stride_o + P + rs, (C + rs).to(tl.int64), mask=rs < N_SPECIAL)
+    _store_selection(out_ptr, b, stride_o, rc, valid, u, thr, C, P, N_SPECIAL, BLOCK_S)
 
 
 MAX_SELECT_CLUSTERS = 1 << 16  # keys per row held in one program's registers

@@ -189,8 +189,6 @@ def sample_calibration(
             tok,
             stdlib_text("calibration") if text is None else text,
             n_tokens=prose_tokens,
-            window=512,
-            batch=8,
             progress=progress,
             label="calibration text",
         )

@@ -43,8 +43,8 @@ def sample_hidden_states(
     text: str,
     *,
     n_tokens: int = 8192,
-    window: int = 256,
-    batch: int = 4,
+    window: int = 512,
+    batch: int = 8,
     progress: bool = True,
     label: str = "hidden states",
 ) -> torch.Tensor:
