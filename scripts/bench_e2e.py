@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers.server import VllmServer, run_concurrently  # noqa: E402
+from helpers.server import VllmServer, common_prefix_lengths, run_concurrently  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -95,12 +95,7 @@ def run_one(model: Path, label: str, env: dict, args, log_dir: Path) -> dict:
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    prefix = []
-    for x, y in zip(a, b):
-        k = 0
-        while k < min(len(x), len(y)) and x[k] == y[k]:
-            k += 1
-        prefix.append(k)
+    prefix = common_prefix_lengths(a, b)
     return {
         "first_token": sum(p > 0 for p in prefix) / len(prefix),
         "identical": sum(p == AGREEMENT_TOKENS for p in prefix) / len(prefix),

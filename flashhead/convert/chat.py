@@ -30,11 +30,11 @@ def chat_prompts(split: str) -> list[str]:
     return lines[0::2] if split == "calibration" else lines[1::2]
 
 
-def chat_prefix(tokenizer: Any, prompt: str) -> list[int]:
+def chat_prefix(tokenizer: Any, prompt: str, templated: bool | None = None) -> list[int]:
     """Token ids of `prompt` as one user turn, ready for the assistant's answer: the tokenizer's
     chat template, or `User: ...\nAssistant:` where it has none (or its template refuses a
-    lone user turn)."""
-    if uses_chat_template(tokenizer):
+    lone user turn). `templated`: `uses_chat_template(tokenizer)`, if the caller knows it."""
+    if uses_chat_template(tokenizer) if templated is None else templated:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
@@ -129,6 +129,7 @@ def chat_hidden_states(
     """[N, d] float32 head inputs at the answer positions of the model's own greedy chat answers,
     N <= n_tokens, prompts taken in order from the `split` half until n_tokens are reached."""
     prompts = chat_prompts(split)
+    templated = uses_chat_template(tokenizer)
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -150,7 +151,9 @@ def chat_hidden_states(
             for start in range(0, len(prompts), batch):
                 if total >= n_tokens:
                     break
-                prefixes = [chat_prefix(tokenizer, p) for p in prompts[start : start + batch]]
+                prefixes = [
+                    chat_prefix(tokenizer, p, templated) for p in prompts[start : start + batch]
+                ]
                 steps.clear()
                 answers = _answer(model, prefixes, max_new_tokens, stop, pad, steps)
                 h = torch.stack(steps, dim=1)  # [B, steps, d]; step t predicts answer token t

@@ -42,9 +42,6 @@ class Calibration:
     h: torch.Tensor  # [N, d] float32
     source: torch.Tensor  # [N] int64 index into SOURCES
 
-    def count(self, name: str) -> int:
-        return int((self.source == SOURCES.index(name)).sum())
-
 
 def cluster_max_logits(
     h: torch.Tensor, weight: torch.Tensor, assignments: torch.Tensor

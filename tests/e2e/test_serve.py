@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.server import VllmServer, run_concurrently, start_all
+from helpers.server import VllmServer, common_prefix_lengths, run_concurrently, start_all
 
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
@@ -98,12 +98,7 @@ class TestDefaultProbes:
         n_tokens = 32
         got = fh.greedy_ids(PROMPTS, n_tokens)
         ref = dense.greedy_ids(PROMPTS, n_tokens)
-        prefix = []
-        for a, b in zip(got, ref):
-            k = 0
-            while k < min(len(a), len(b)) and a[k] == b[k]:
-                k += 1
-            prefix.append(k)
+        prefix = common_prefix_lengths(got, ref)
         same_tokens = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b))
         cfg = json.loads((smollm2_fh / "config.json").read_text())
         print(

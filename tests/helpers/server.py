@@ -37,6 +37,7 @@ __all__ = [
     "SERVE_ARGS",
     "ServerStartError",
     "VllmServer",
+    "common_prefix_lengths",
     "free_port",
     "run_concurrently",
     "start_all",
@@ -210,6 +211,18 @@ class VllmServer:
             return list(r["choices"][0]["token_ids"])
 
         return run_concurrently([lambda p=p: one(p) for p in prompts])
+
+
+def common_prefix_lengths(a: Sequence[list[int]], b: Sequence[list[int]]) -> list[int]:
+    """Per pair of completions (e.g. FlashHead vs dense greedy ids): how many leading tokens
+    agree."""
+    lengths = []
+    for x, y in zip(a, b):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        lengths.append(k)
+    return lengths
 
 
 def run_concurrently(calls: Sequence[Callable[[], Any]], max_workers: int = 32) -> list:
