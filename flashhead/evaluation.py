@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,13 +210,76 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return model, tok
 
 
-CORPORA = ("prose", "chat")
+# Every text family `flashhead eval` reports (see flashhead.convert.texts for the text ones):
+# "text" is the user's --text FILE. Convert calibrates on held-out-disjoint halves of prose,
+# code, chat and self; docstrings, markdown and qa are never seen by convert at all.
+FAMILIES = ("prose", "code", "docstrings", "markdown", "qa", "chat", "self")
+CORPORA = FAMILIES  # the name of the --corpus option
+_NEVER_CALIBRATED = ("docstrings", "markdown", "qa", "text")
+
+
+def family_hidden_states(
+    model: Any,
+    tok: Any,
+    family: str,
+    *,
+    n_tokens: int,
+    answer_tokens: int = 64,
+    text: str | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, str]:
+    """([N, d] head inputs, description) of the evaluation half of `family`."""
+    from flashhead.convert.chat import chat_hidden_states, qa_hidden_states
+    from flashhead.convert.hidden import sample_hidden_states
+    from flashhead.convert.sampled import sampled_hidden_states
+    from flashhead.convert.texts import family_text
+
+    if family == "text":
+        if text is None:
+            raise ValueError("the text family needs --text FILE")
+        return sample_hidden_states(model, tok, text, n_tokens=n_tokens, progress=progress), (
+            "the user's text"
+        )
+    if family == "chat":
+        h = chat_hidden_states(
+            model, tok, "evaluation", n_tokens=n_tokens, max_new_tokens=answer_tokens,
+            progress=progress,
+        )  # fmt: skip
+        return h, f"own greedy answers (<= {answer_tokens} tokens) to the evaluation prompts"
+    if family == "qa":
+        h = qa_hidden_states(model, tok, n_tokens=n_tokens, progress=progress)
+        return h, "own greedy answers to the held-out questions, as Q:/A: completions"
+    if family == "self":
+        h = sampled_hidden_states(model, tok, "evaluation", n_tokens=n_tokens, progress=progress)
+        return h, "own samples at temperature 1 (evaluation seed)"
+    what = {
+        "prose": "stdlib pydoc topics (evaluation half)",
+        "code": "stdlib module source (evaluation half)",
+        "docstrings": "stdlib docstrings (evaluation half)",
+        "markdown": "installed packages' markdown READMEs",
+    }
+    if family not in what:
+        raise ValueError(f"unknown family {family!r} (use {', '.join(FAMILIES)} or text)")
+    body = family_text(family, "evaluation")
+    return sample_hidden_states(model, tok, body, n_tokens=n_tokens, progress=progress), what[
+        family
+    ]
+
+
+def top1_at(rep: EvalReport, p: int) -> float:
+    """Top-1 agreement of a report at p (the configured p is always among its rows)."""
+    return next(r.top1_agreement for r in rep.results if r.probes == p)
+
+
+def worst_first(reports: dict[str, EvalReport]) -> dict[str, EvalReport]:
+    """The reports ordered by top-1 agreement at their configured p, lowest first."""
+    return dict(sorted(reports.items(), key=lambda kv: top1_at(kv[1], kv[1].configured_probes)))
 
 
 def evaluate(
     model_dir: str | os.PathLike,
     *,
-    corpora: Sequence[str] = CORPORA,
+    corpora: Sequence[str] = FAMILIES,
     text: str | None = None,
     probes: Sequence[int] = DEFAULT_PROBES,
     targets: Sequence[float] = DEFAULT_TARGETS,
@@ -224,53 +288,49 @@ def evaluate(
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
     check_end_to_end: bool = True,
+    answers: int = 0,
 ) -> dict[str, EvalReport]:
-    """Compare the heads on each corpus, all held out from `flashhead convert`'s calibration:
-    prose (the stdlib evaluation text, or `text`) and chat (the model's own greedy answers to
-    the evaluation half of the shipped prompts, in its chat template: what a server decodes)."""
-    from flashhead.convert.chat import chat_hidden_states
-    from flashhead.convert.hidden import sample_hidden_states
-    from flashhead.convert.texts import stdlib_text
-
-    unknown = [c for c in corpora if c not in CORPORA]
-    if unknown or not corpora:
-        raise ValueError(f"unknown corpus {unknown or corpora!r} (use {', '.join(CORPORA)})")
+    """Compare the heads on each text family's held-out half (worst family first; `text`, the
+    user's file, is the extra family "text"), and with `answers` > 0 compare whole greedy answers
+    to that many held-out questions (`flashhead.answers`), reported under "answers"."""
+    names = list(dict.fromkeys(corpora))
+    unknown = [c for c in names if c not in FAMILIES and c != "text"]
+    if unknown or not names:
+        raise ValueError(f"unknown corpus {unknown or names!r} (use {', '.join(FAMILIES)})")
+    if text is not None and "text" not in names:
+        names.append("text")
     model_dir = Path(model_dir)
     assets = load_assets(model_dir)
     model, tok = load_model(model_dir, dtype=dtype)
     weight = model.get_output_embeddings().weight.detach()
     ev = Evaluator(weight, assets)
+    probes = sorted(set(probes) | {assets.n_probes})  # every family is ranked at the served p
     reports = {}
-    for corpus in corpora:
-        if corpus == "prose":
-            h = sample_hidden_states(
-                model,
-                tok,
-                stdlib_text("evaluation") if text is None else text,
-                n_tokens=n_tokens,
+    for family in names:
+        try:
+            h, what = family_hidden_states(
+                model, tok, family, n_tokens=n_tokens, answer_tokens=answer_tokens, text=text,
                 progress=progress,
-            )
-            what = "stdlib pydoc topics (evaluation half)" if text is None else "user text"
-        else:
-            h = chat_hidden_states(
-                model,
-                tok,
-                "evaluation",
-                n_tokens=n_tokens,
-                max_new_tokens=answer_tokens,
-                progress=progress,
-            )
-            what = f"own greedy answers (<= {answer_tokens} tokens) to the evaluation prompts"
+            )  # fmt: skip
+        except RuntimeError as exc:  # a family this machine has no text for (e.g. no READMEs)
+            print(f"flashhead eval: {family}: skipped ({exc})", file=sys.stderr)
+            continue
         rep = ev.report(
             h.float(), probes, targets, model=str(model_dir), check_end_to_end=check_end_to_end
         )
         rep.meta = {
-            "corpus": corpus,
+            "corpus": family,
             "text": what,
+            "calibrated_on": "never" if family in _NEVER_CALIBRATED else "the other half",
             "body_dtype": str(dtype).replace("torch.", ""),
         }
-        reports[corpus] = rep
-    return reports
+        reports[family] = rep
+    out = worst_first(reports)
+    if answers:
+        from flashhead.answers import compare_answers
+
+        out["answers"] = compare_answers(model, tok, ev.head, assets.n_probes, limit=answers)
+    return out
 
 
 def format_table(rep: EvalReport) -> str:
@@ -293,4 +353,29 @@ def format_table(rep: EvalReport) -> str:
         else:
             share = (p * rep.cluster_size + rep.n_special) / rep.vocab_size
             lines.append(f"top-1 agreement {target}: p >= {p} ({100 * share:.2f}% of V scored)")
+    return "\n".join(lines)
+
+
+def format_summary(reports: dict[str, EvalReport]) -> str:
+    """One line per family at the configured p, worst first."""
+    reps = {k: r for k, r in reports.items() if isinstance(r, EvalReport)}
+    if not reps:
+        return ""
+    first = next(iter(reps.values()))
+    p = first.configured_probes
+    lines = [
+        f"{first.model}: every family at the configured n_probes = {p} "
+        f"({100 * (p * first.cluster_size + first.n_special) / first.vocab_size:.2f}% of V "
+        "scored), worst first",
+        f"{'family':<11} {'calibrated on':<14} {'positions':>9} {'top-1':>8} {'top-5':>8} "
+        f"{'p for 99.5%':>11} {'p for 99.9%':>11}",
+    ]
+    for name, rep in reps.items():
+        row = next(r for r in rep.results if r.probes == rep.configured_probes)
+        need = [rep.probes_for_target.get(t) for t in ("99.5%", "99.9%")]
+        lines.append(
+            f"{name:<11} {rep.meta.get('calibrated_on', '-'):<14} {rep.n_tokens:>9} "
+            f"{100 * row.top1_agreement:>7.2f}% {100 * row.top5_containment:>7.2f}% "
+            + " ".join(f"{'-' if n is None else n:>11}" for n in need)
+        )
     return "\n".join(lines)

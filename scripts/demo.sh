@@ -43,12 +43,15 @@ sys.path.insert(0, "scripts")
 from bench_e2e import measure  # noqa: E402
 
 model, flashhead_cli = Path(sys.argv[1]), sys.argv[2]
+# The last two ask for rare words (a city, a name): where a FlashHead miss would change a fact.
 questions = [
     "What is the capital of France?",
     "Give me three tips for staying focused while studying.",
     "Write a haiku about the ocean.",
+    "What is the capital of Australia?",
+    "Who wrote One Hundred Years of Solitude?",
 ]
-rates = {}
+rates, answers = {}, {}
 for label, env in (("FlashHead", {}), ("dense (FLASHHEAD_ENABLED=0)", {"FLASHHEAD_ENABLED": "0"})):
     server = VllmServer(model, Path(f"/tmp/flashhead-demo-{len(rates)}.log"), env=env)
     print(f"\n--- vllm serve {model.name} [{label}] (log: {server.log_path})", flush=True)
@@ -62,8 +65,7 @@ for label, env in (("FlashHead", {}), ("dense (FLASHHEAD_ENABLED=0)", {"FLASHHEA
                 "/v1/chat/completions",
                 {"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0},
             )
-            answer = r["choices"][0]["message"]["content"].strip()
-            print(f"\nQ: {q}\nA [{label}]: {answer}")
+            answers.setdefault(q, []).append(r["choices"][0]["message"]["content"].strip())
         if not rates:
             line = next(
                 (l for l in server.log().splitlines() if "FlashHead: serving decode steps" in l), None
@@ -75,6 +77,15 @@ for label, env in (("FlashHead", {}), ("dense (FLASHHEAD_ENABLED=0)", {"FLASHHEA
         rates[label] = res[1]["decode_tok_s"]
     finally:
         server.stop()
+print("\n--- the same greedy questions, side by side")
+same = 0
+for q, (flash, dense) in answers.items():
+    same += flash == dense
+    print(f"\nQ: {q}  [{'identical' if flash == dense else 'DIFFERENT'}]")
+    print(f"  FlashHead: {flash}")
+    if flash != dense:
+        print(f"  dense:     {dense}")
+print(f"\n{same}/{len(answers)} answers identical to the dense head's")
 print("\n--- decode tokens/s, batch 1 (this machine; noisy if it is busy)")
 for label, rate in rates.items():
     print(f"  {label:<30} {rate:8.1f}")

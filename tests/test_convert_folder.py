@@ -18,7 +18,16 @@ from flashhead.cli import main as cli_main
 from flashhead.convert import ConvertError, ConvertOptions, convert
 from flashhead.head import FlashHead
 
-FAST = dict(iterations=3, progress=False, calibration_tokens=512, chat_tokens=512)
+# Cluster size 16 keeps these layout tests at 64 clusters; the default (4) has its own test.
+FAST = dict(
+    iterations=3,
+    progress=False,
+    calibration_tokens=512,
+    chat_tokens=512,
+    code_tokens=512,
+    sample_tokens=512,
+    cluster_size=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +115,11 @@ def test_fit_with_auto_probes_agrees_with_the_dense_head(tiny, tmp_path):
 
     out = tmp_path / "fh"
     # A random-weight model needs most clusters: lift the 10% cap to test the estimate itself.
-    res = convert(tiny, out, ConvertOptions(centroids="fit", max_share=1.0, **FAST))
+    opts = ConvertOptions(centroids="fit", max_share=1.0, target_agreement=0.995, **FAST)
+    res = convert(tiny, out, opts)
     assets = load_assets(out)
     assert 1 <= res.n_probes == assets.n_probes <= 64
-    assert set(res.probe_estimates) == {"prose", "chat"} and not res.probes_capped
+    assert set(res.probe_estimates) == {"prose", "code", "chat", "self"} and not res.probes_capped
     assert res.n_probes >= max(res.probe_estimates.values())
     capped = convert(tiny, tmp_path / "capped", ConvertOptions(centroids="fit", **FAST))
     assert capped.probes_capped and capped.n_probes * 16 <= 0.10 * 1024
@@ -173,7 +183,7 @@ def test_interrupt_leaves_no_half_written_output(tiny, tmp_path, monkeypatch, ex
 
 def test_cluster_size_must_divide_the_vocabulary(tiny, tmp_path):
     with pytest.raises(ConvertError, match="not a multiple of --cluster-size 24"):
-        convert(tiny, tmp_path / "fh", ConvertOptions(cluster_size=24, **FAST))
+        convert(tiny, tmp_path / "fh", ConvertOptions(**{**FAST, "cluster_size": 24}))
     assert not (tmp_path / "fh").exists()
 
 
@@ -198,7 +208,7 @@ def test_cli_convert_and_special_tokens_option(tiny, tmp_path, capsys):
     rc = cli_main(
         [
             "convert", str(tiny), str(out), "--centroids", "normalized", "--probes", "4",
-            "--iterations", "2", "--special-tokens", "5,7", "--quiet",
+            "--iterations", "2", "--special-tokens", "5,7", "--cluster-size", "16", "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -233,11 +243,14 @@ def test_cli_prose_only_calibration_and_the_cap_warning(tiny, tmp_path, capsys):
     rc = cli_main(
         [
             "convert", str(tiny), str(out), "--chat-tokens", "0", "--calibration-tokens", "512",
-            "--iterations", "2", "--quiet",
+            "--code-tokens", "0", "--iterations", "2", "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
     err = capsys.readouterr().err
     # A random-weight model needs far more than 10% of V: the cap decides, and says so.
     assert "capped by --max-share" in err and "'prose'" in err and "'chat'" not in err
-    assert load_assets(out).n_probes * 16 <= 0.10 * 1024
+    assert "'code'" not in err
+    assets = load_assets(out)
+    assert assets.n_clusters == 256 and set(assets.cluster_sizes().tolist()) == {4}  # default
+    assert assets.n_probes * 4 <= 0.10 * 1024

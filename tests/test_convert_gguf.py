@@ -109,7 +109,7 @@ def test_gguf_to_a_flashhead_folder(tiny_gguf, tmp_path):
     assert emb.dtype == torch.bfloat16
     assert torch.allclose(emb.float(), tensors["token_embd.weight"], atol=1e-2, rtol=1e-2)
     assets = load_assets(out)
-    assert torch.bincount(assets.assignments).tolist() == [16] * (V // 16)
+    assert torch.bincount(assets.assignments).tolist() == [4] * (V // 4)  # the default size
     assert set(special_ids) <= set(assets.special_token_ids)
     # The saved tokenizer still adds BOS (as the GGUF's tokenizer.ggml.add_bos_token says).
     from transformers import AutoTokenizer
@@ -128,9 +128,16 @@ def test_gguf_folder_reloads_in_transformers_and_fits(tiny_gguf, tmp_path):
     res = convert(
         path,
         out,
-        ConvertOptions(iterations=2, calibration_tokens=512, chat_tokens=512, progress=False),
+        ConvertOptions(
+            iterations=2,
+            calibration_tokens=512,
+            chat_tokens=512,
+            code_tokens=512,
+            sample_tokens=512,
+            progress=False,
+        ),
     )  # centroids=fit, probes=auto
-    assert 1 <= res.n_probes <= V // 16
+    assert 1 <= res.n_probes <= V // 4
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     w = model.get_output_embeddings().weight
     assert torch.allclose(w, tensors["token_embd.weight"], atol=1e-2, rtol=1e-2)

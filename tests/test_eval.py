@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.tiny_models import cached_tiny_model
 
-from flashhead.assets import FlashHeadAssets
+from flashhead.assets import FlashHeadAssets, load_assets
 from flashhead.cli import main as cli_main
 from flashhead.convert import ConvertOptions, convert
 from flashhead.evaluation import (
@@ -84,15 +84,26 @@ def tiny_flashhead(tmp_path_factory) -> Path:
     convert(
         src,
         out,
-        ConvertOptions(iterations=3, calibration_tokens=512, chat_tokens=512, progress=False),
+        ConvertOptions(
+            iterations=3,
+            calibration_tokens=512,
+            chat_tokens=512,
+            code_tokens=512,
+            sample_tokens=512,
+            cluster_size=16,
+            progress=False,
+        ),
     )
     return out
 
 
 def test_cli_eval_json(tiny_flashhead, capsys):
     rc = cli_main(
-        ["eval", str(tiny_flashhead), "--probes", "1,8,64", "--tokens", "256", "--json", "--quiet"]
-    )
+        [
+            "eval", str(tiny_flashhead), "--probes", "1,8,64", "--tokens", "256", "--json",
+            "--quiet", "--corpus", "prose,chat", "--answers", "0",
+        ]
+    )  # fmt: skip
     assert rc == 0
     reports = json.loads(capsys.readouterr().out)
     assert set(reports) == {"prose", "chat"}
@@ -121,12 +132,17 @@ def test_cli_eval_text_file_and_errors(tiny_flashhead, tmp_path, capsys):
             "128",
             "--corpus",
             "prose",
+            "--answers",
+            "0",
             "--quiet",
         ]
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "top-1 agreement 99.5%" in out and "[prose: user text]" in out and "chat:" not in out
+    assert "top-1 agreement 99.5%" in out and "[text: the user's text]" in out
+    assert "[prose: stdlib pydoc topics" in out and "[chat:" not in out
+    # the summary names both families, the user's text marked as never calibrated on
+    assert any(line.startswith("text ") and "never" in line for line in out.splitlines())
     short = tmp_path / "short.txt"
     short.write_text("hi")
     assert cli_main(["eval", str(tiny_flashhead), "--text", str(short), "--quiet"]) == 2
@@ -137,4 +153,36 @@ def test_cli_eval_text_file_and_errors(tiny_flashhead, tmp_path, capsys):
         cli_main(["eval", str(tiny_flashhead), "--probes", "0,4"])
     with pytest.raises(SystemExit):
         cli_main(["eval", str(tiny_flashhead), "--corpus", "prose,poetry"])
-    assert "prose, chat" in capsys.readouterr().err
+    assert "prose, code, docstrings, markdown, qa, chat, self" in capsys.readouterr().err
+    assert cli_main(["eval", str(tiny_flashhead), "--answers", "-1", "--quiet"]) == 2
+    assert "--answers" in capsys.readouterr().err
+
+
+def test_every_family_is_reported_worst_first_at_the_configured_probes(tiny_flashhead):
+    from flashhead.evaluation import FAMILIES, evaluate, format_summary, top1_at
+
+    reports = evaluate(tiny_flashhead, probes=[2], n_tokens=192, progress=False)
+    assert set(reports) == set(FAMILIES)
+    served = load_assets(tiny_flashhead).n_probes
+    at_p = [top1_at(r, served) for r in reports.values()]
+    assert at_p == sorted(at_p)  # worst first
+    never = {k for k, r in reports.items() if r.meta["calibrated_on"] == "never"}
+    assert never == {"docstrings", "markdown", "qa"}
+    summary = format_summary(reports).splitlines()
+    assert f"n_probes = {served}" in summary[0]
+    assert [line.split()[0] for line in summary[2:]] == list(reports)
+
+
+def test_answers_are_identical_at_all_probes_and_part_at_one(tiny_flashhead):
+    from flashhead.answers import compare_answers, format_answers
+    from flashhead.evaluation import Evaluator, load_model
+
+    model, tok = load_model(tiny_flashhead)
+    ev = Evaluator(model.get_output_embeddings().weight.detach(), load_assets(tiny_flashhead))
+    every = compare_answers(model, tok, ev.head, ev.head.n_clusters, limit=6, max_new_tokens=12)
+    assert every.identical == every.questions == 6 and not every.differing
+    one = compare_answers(model, tok, ev.head, 1, limit=6, max_new_tokens=12)
+    assert one.identical < 6 and len(one.differing) == 6 - one.identical
+    assert one.differing[0]["dense"] != one.differing[0]["flashhead"]
+    text = format_answers(one)
+    assert f"{one.identical}/6 identical to dense" in text and "FlashHead:" in text

@@ -22,12 +22,14 @@ def _float_list(text: str) -> list[float]:
 
 
 def _corpora(text: str) -> list[str]:
-    from flashhead.evaluation import CORPORA
+    from flashhead.evaluation import FAMILIES
 
     names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or any(n not in CORPORA for n in names):
+    if names == ["all"]:
+        return list(FAMILIES)
+    if not names or any(n not in FAMILIES for n in names):
         raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of {', '.join(CORPORA)}, got {text!r}"
+            f"expected 'all' or a comma-separated list of {', '.join(FAMILIES)}, got {text!r}"
         )
     return list(dict.fromkeys(names))
 
@@ -40,19 +42,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="FlashHead vs dense head agreement on real text",
         description="Run a FlashHead model's body (transformers, CPU) over text and report, per "
         "number of probes p: the share of the vocabulary scored, top-1 agreement with the dense "
-        "head, top-5 containment, and the p needed for each agreement target. Two corpora, "
-        "both held out from `flashhead convert`'s calibration: prose (the half of Python's "
-        "pydoc topics convert does not use, or --text) and chat (the model's own greedy "
-        "answers to the held-out half of the shipped prompts, in its chat template).",
+        "head, top-5 containment, and the p needed for each agreement target, for every text "
+        "family (worst first), all held out from `flashhead convert`'s calibration: prose "
+        "(pydoc topics), code (stdlib source), docstrings, markdown (installed packages' "
+        "READMEs), qa (own answers to held-out questions), chat (own answers to held-out "
+        "prompts), self (own samples at temperature 1), and --text FILE. docstrings, markdown, "
+        "qa and --text are never seen by convert. --answers also compares whole greedy answers.",
     )
     p.add_argument("model", help="FlashHead model folder (made by `flashhead convert`)")
     p.add_argument(
         "--corpus",
         type=_corpora,
-        default=["prose", "chat"],
-        help="corpora to evaluate, comma-separated: prose, chat (default both)",
+        default=None,
+        help="text families to evaluate, comma-separated (prose, code, docstrings, markdown, "
+        "qa, chat, self) or 'all' (default: all)",
     )
-    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text for the prose corpus")
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="your own UTF-8 text, reported as one more family, 'text'",
+    )
+    p.add_argument(
+        "--answers",
+        type=int,
+        default=20,
+        metavar="N",
+        help="also decode greedy answers to N held-out questions with both heads and count the "
+        "identical ones (20; 0: skip)",
+    )
     p.add_argument(
         "--probes",
         type=positive_int_list("16,64,256"),
@@ -84,10 +102,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from flashhead.answers import AnswerReport, format_answers
     from flashhead.assets import FlashHeadAssetError, load_assets
     from flashhead.convert.texts import read_text
-    from flashhead.evaluation import evaluate, format_table
+    from flashhead.evaluation import FAMILIES, evaluate, format_summary, format_table
 
+    if args.answers < 0:
+        print("flashhead eval: error: --answers must be 0 or more", file=sys.stderr)
+        return 2
     if args.tokens < 16:
         print("flashhead eval: error: --tokens must be at least 16", file=sys.stderr)
         return 2
@@ -100,16 +122,21 @@ def run(args: argparse.Namespace) -> int:
     probes = sorted(set(args.probes) | {assets.n_probes})
     reports = evaluate(
         args.model,
-        corpora=args.corpus,
+        corpora=args.corpus or list(FAMILIES),
         text=text,
         probes=probes,
         targets=[t / 100.0 for t in args.targets],
         n_tokens=args.tokens,
         dtype=getattr(torch, args.dtype),
         progress=not args.quiet,
+        answers=args.answers,
     )
     if args.json:
         print(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
-    else:
-        print("\n\n".join(format_table(r) for r in reports.values()))
+        return 0
+    families = [r for r in reports.values() if not isinstance(r, AnswerReport)]
+    blocks = [format_summary(reports)] + [format_table(r) for r in families]
+    if isinstance(reports.get("answers"), AnswerReport):
+        blocks.append(format_answers(reports["answers"]))
+    print("\n\n".join(b for b in blocks if b))
     return 0

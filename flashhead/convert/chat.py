@@ -19,6 +19,7 @@ from flashhead.convert.texts import SPLITS
 
 # Used when the tokenizer has no chat template (e.g. some GGUF exports).
 _PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
+_QA_TEMPLATE = "Q: {question}\nA:"
 
 
 def chat_prompts(split: str) -> list[str]:
@@ -114,22 +115,33 @@ def _answer(
     return answers
 
 
+def questions() -> list[str]:
+    """The shipped held-out questions (`questions.txt`): short factual questions whose answers
+    are names, places and numbers. Evaluation-only: convert never reads them."""
+    text = resources.files("flashhead.convert").joinpath("questions.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def qa_prefix(tokenizer: Any, question: str) -> list[int]:
+    """`Q: ...\nA:` completion form (what a base model without a chat template is asked)."""
+    ids = tokenizer(_QA_TEMPLATE.format(question=question), add_special_tokens=True)["input_ids"]
+    return [int(t) for t in ids]
+
+
 @torch.inference_mode()
-def chat_hidden_states(
+def answer_hidden_states(
     model: Any,
     tokenizer: Any,
-    split: str,
+    prefixes: list[list[int]],
     *,
     n_tokens: int = 4096,
     max_new_tokens: int = 64,
     batch: int = 32,
     progress: bool = True,
-    label: str = "chat answers",
+    label: str = "answers",
 ) -> torch.Tensor:
-    """[N, d] float32 head inputs at the answer positions of the model's own greedy chat answers,
-    N <= n_tokens, prompts taken in order from the `split` half until n_tokens are reached."""
-    prompts = chat_prompts(split)
-    templated = uses_chat_template(tokenizer)
+    """[N, d] float32 head inputs at the answer positions of the model's own greedy answers to
+    `prefixes`, N <= n_tokens, prefixes taken in order until n_tokens are reached."""
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -145,24 +157,72 @@ def chat_hidden_states(
     collected: list[torch.Tensor] = []
     total = 0
     # About max_new_tokens / 2 positions per prompt; the bar counts prompts.
-    expected = min(len(prompts), max(1, 2 * n_tokens // max(1, max_new_tokens)))
+    expected = min(len(prefixes), max(1, 2 * n_tokens // max(1, max_new_tokens)))
     try:
         with Progress(label, total=expected, enabled=progress) as bar:
-            for start in range(0, len(prompts), batch):
+            for start in range(0, len(prefixes), batch):
                 if total >= n_tokens:
                     break
-                prefixes = [
-                    chat_prefix(tokenizer, p, templated) for p in prompts[start : start + batch]
-                ]
+                group = prefixes[start : start + batch]
                 steps.clear()
-                answers = _answer(model, prefixes, max_new_tokens, stop, pad, steps)
+                answers = _answer(model, group, max_new_tokens, stop, pad, steps)
                 h = torch.stack(steps, dim=1)  # [B, steps, d]; step t predicts answer token t
                 for i, a in enumerate(answers):
                     collected.append(h[i, : len(a)])
                     total += len(a)
-                bar.update(len(prefixes))
+                bar.update(len(group))
     finally:
         handle.remove()
     if not collected:
-        raise ValueError("no chat answers were generated")
+        raise ValueError("no answers were generated")
     return torch.cat(collected)[:n_tokens]
+
+
+def chat_hidden_states(
+    model: Any,
+    tokenizer: Any,
+    split: str,
+    *,
+    n_tokens: int = 4096,
+    max_new_tokens: int = 64,
+    batch: int = 32,
+    progress: bool = True,
+    label: str = "chat answers",
+) -> torch.Tensor:
+    """Head inputs at the model's own greedy chat answers to the `split` half of the shipped
+    prompts, in its chat template (see `answer_hidden_states`)."""
+    templated = uses_chat_template(tokenizer)
+    prefixes = [chat_prefix(tokenizer, p, templated) for p in chat_prompts(split)]
+    return answer_hidden_states(
+        model,
+        tokenizer,
+        prefixes,
+        n_tokens=n_tokens,
+        max_new_tokens=max_new_tokens,
+        batch=batch,
+        progress=progress,
+        label=label,
+    )
+
+
+def qa_hidden_states(
+    model: Any,
+    tokenizer: Any,
+    *,
+    n_tokens: int = 4096,
+    max_new_tokens: int = 48,
+    progress: bool = True,
+    label: str = "Q/A answers",
+) -> torch.Tensor:
+    """Head inputs at the model's own greedy answers to the held-out `questions()`, asked in the
+    `Q: ...\nA:` completion form (see `answer_hidden_states`)."""
+    prefixes = [qa_prefix(tokenizer, q) for q in questions()]
+    return answer_hidden_states(
+        model,
+        tokenizer,
+        prefixes,
+        n_tokens=n_tokens,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        label=label,
+    )

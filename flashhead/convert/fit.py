@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 _ROWS_PER_BLOCK = 256
-SOURCES = ("prose", "chat")
+SOURCES = ("prose", "code", "chat", "self")
 
 
 @dataclass
@@ -156,7 +156,7 @@ def cross_validated_probes(
     out = {}
     for i, name in enumerate(SOURCES):
         mine = ranks[cal.source == i]
-        if mine.numel() >= 256:  # fewer rows cannot resolve a 99.5% target
+        if mine.numel() >= 256:  # fewer rows cannot resolve a 99.5-99.9% target
             out[name] = probes_for(mine, target) or n_clusters
     return out
 
@@ -166,31 +166,38 @@ def sample_calibration(
     *,
     prose_tokens: int,
     chat_tokens: int,
+    code_tokens: int = 0,
+    sample_tokens: int = 0,
     text: str | None = None,
     answer_tokens: int = 32,
     progress: bool = True,
 ) -> Calibration:
-    """Head inputs from the model in `model_dir` (bf16 body, as vLLM serves it): `prose_tokens`
-    positions of the calibration half of the stdlib text (or `text`), then `chat_tokens`
-    positions of the model's greedy answers to the calibration half of the shipped prompts."""
+    """Head inputs from the model in `model_dir` (bf16 body, as vLLM serves it), from the
+    calibration half of each source: `prose_tokens` positions of the stdlib prose (or of
+    `text`), `code_tokens` of stdlib source code, `chat_tokens` of the model's greedy answers to
+    the shipped prompts, and `sample_tokens` of its own free samples at temperature 1."""
     from flashhead.convert.chat import chat_hidden_states, uses_chat_template
     from flashhead.convert.hidden import sample_hidden_states
-    from flashhead.convert.texts import stdlib_text
+    from flashhead.convert.sampled import sampled_hidden_states
+    from flashhead.convert.texts import family_text
     from flashhead.evaluation import load_model
 
     model, tok = load_model(model_dir, dtype=torch.bfloat16)
     parts, sources = [], []
+
+    def add(name: str, h: torch.Tensor) -> None:
+        parts.append(h)
+        sources.append(torch.full((h.shape[0],), SOURCES.index(name)))
+
     if prose_tokens:
-        prose = sample_hidden_states(
-            model,
-            tok,
-            stdlib_text("calibration") if text is None else text,
-            n_tokens=prose_tokens,
-            progress=progress,
-            label="calibration text",
-        )
-        parts.append(prose)
-        sources.append(torch.full((prose.shape[0],), SOURCES.index("prose")))
+        prose = family_text("prose", "calibration") if text is None else text
+        label = "calibration text"
+        add("prose", sample_hidden_states(model, tok, prose, n_tokens=prose_tokens,
+                                          progress=progress, label=label))  # fmt: skip
+    if code_tokens:
+        code = family_text("code", "calibration")
+        add("code", sample_hidden_states(model, tok, code, n_tokens=code_tokens,
+                                         progress=progress, label="calibration code"))  # fmt: skip
     if chat_tokens:
         if progress:
             form = (
@@ -209,8 +216,10 @@ def sample_calibration(
             progress=progress,
             label="chat answers",
         )
-        parts.append(chat)
-        sources.append(torch.full((chat.shape[0],), SOURCES.index("chat")))
+        add("chat", chat)
+    if sample_tokens:
+        add("self", sampled_hidden_states(model, tok, "calibration", n_tokens=sample_tokens,
+                                          progress=progress))  # fmt: skip
     del model
     if not parts:
         raise ValueError("no calibration positions requested")

@@ -18,22 +18,20 @@ class _Captured(Exception):
 
 
 def token_windows(tokenizer: Any, text: str, n_tokens: int, window: int) -> list[list[int]]:
-    """Consecutive `window`-token pieces of `text` (each starting with BOS when the model has
-    one), at most `n_tokens` tokens in all."""
+    """`window`-token pieces of `text` (each starting with BOS when the model has one), at most
+    `n_tokens` tokens in all, spread evenly over the whole text: a family's text is a series of
+    documents (topics, modules, READMEs), and the first few alone would stand for all of them."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     body = window - (1 if bos is not None else 0)
-    windows = []
-    for start in range(0, len(ids), body):
-        piece = ids[start : start + body]
-        if len(piece) < min(16, body):
-            break
-        windows.append(([bos] if bos is not None else []) + piece)
-        if sum(len(w) for w in windows) >= n_tokens:
-            break
-    if not windows:
+    pieces = [ids[start : start + body] for start in range(0, len(ids), body)]
+    pieces = [p for p in pieces if len(p) >= min(16, body)]
+    if not pieces:
         raise ValueError("the text is too short: it gives no token window")
-    return windows
+    wanted = max(1, -(-n_tokens // window))
+    if len(pieces) > wanted:
+        pieces = [pieces[i * len(pieces) // wanted] for i in range(wanted)]
+    return [([bos] if bos is not None else []) + p for p in pieces]
 
 
 @torch.inference_mode()
