@@ -7,13 +7,13 @@
 #   5. measures decode tokens/s with FlashHead and with FLASHHEAD_ENABLED=0, stops the servers.
 # Env: FLASHHEAD_CACHE (default ~/.cache/flashhead), FLASHHEAD_DEMO_VENV (default
 # $FLASHHEAD_CACHE/venvs/vllm-0.32.0), FLASHHEAD_DEMO_MODEL (default
-# $FLASHHEAD_CACHE/models/smollm2-135m-flashhead).
+# $FLASHHEAD_CACHE/models/smollm2-135m-flashhead-c4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}
 venv=${FLASHHEAD_DEMO_VENV:-$FLASHHEAD_CACHE/venvs/vllm-0.32.0}
-model=${FLASHHEAD_DEMO_MODEL:-$FLASHHEAD_CACHE/models/smollm2-135m-flashhead}
+model=${FLASHHEAD_DEMO_MODEL:-$FLASHHEAD_CACHE/models/smollm2-135m-flashhead-c4}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 log() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
