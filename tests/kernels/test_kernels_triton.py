@@ -20,6 +20,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [
     (128, 32, 16, 4, [], False),
     (96, 48, 12, 3, [0, 5, 95], True),
+    (128, 32, 32, 8, [3], False),  # clusters of 4, convert's default
 ]
 
 
@@ -37,7 +38,7 @@ def gens(n, seed):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["equal", "padded+specials"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["equal", "padded+specials", "clusters-of-4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_triton_matches_reference(make_assets, device, shape, dtype):
     tri, ref = heads(make_assets, device, shape, dtype)
