@@ -23,7 +23,6 @@ gather per call page-faults and costs more than the head itself.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +82,7 @@ def _perturb(
 
 
 _INT8_MM_MAX_BATCH = 2  # above this, the bf16 GEMM beats torch's int8 weight-only kernel on CPU
-# id(q) -> (weak reference to q, {key: dequantized}); the weak reference proves the id still
-# names q. A key by data_ptr() once handed a new index whose int8 centroids landed at a freed
-# index's address the freed index's centroids.
-_dequant_cache: dict[int, tuple[weakref.ref, dict]] = {}
+_dequant_cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def _int8_mm_ok(h: torch.Tensor) -> bool:
@@ -94,18 +90,11 @@ def _int8_mm_ok(h: torch.Tensor) -> bool:
 
 
 def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    qid = id(q)
-    entry = _dequant_cache.get(qid)
-    if entry is None or entry[0]() is not q:
-        entry = (weakref.ref(q, lambda _r: _dequant_cache.pop(qid, None)), {})
-        _dequant_cache[qid] = entry
-    per_dtype = entry[1]
-    key = (scale.data_ptr(), q._version, scale._version, dtype)
-    cached = per_dtype.get(key)
+    key = (q.data_ptr(), dtype)
+    cached = _dequant_cache.get(key)
     if cached is None:
-        per_dtype.clear()
         cached = (q.float() * scale.unsqueeze(1)).to(dtype)
-        per_dtype[key] = cached
+        _dequant_cache[key] = cached
     return cached
 
 
