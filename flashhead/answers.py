@@ -53,43 +53,19 @@ def _candidate_mask_hook(head: Any, n_probes: int):
 
 @torch.inference_mode()
 def _greedy(model: Any, tok: Any, prefixes: list[list[int]], max_new: int, hook=None):
-    from flashhead.convert.chat import _stop_ids
+    """Greedy answers through convert's own batched decoder (`chat._answer`), with `hook` on the
+    head's output while it runs; each answer without its stop token."""
+    from flashhead.convert.chat import _answer, _stop_ids
 
     stop = _stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(stop) if stop else 0)
-    width = max(map(len, prefixes))
-    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prefixes):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
     handle = model.get_output_embeddings().register_forward_hook(hook) if hook else None
     try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad,
-            eos_token_id=sorted(stop) or None,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            repetition_penalty=None,
-        )
+        answers = _answer(model, prefixes, max_new, stop, pad, [])
     finally:
         if handle is not None:
             handle.remove()
-    answers = []
-    for row in out[:, width:].tolist():
-        kept = []
-        for t in row:
-            if t in stop:
-                break
-            kept.append(t)
-        answers.append(kept)
-    return answers
+    return [a[:-1] if a and a[-1] in stop else a for a in answers]
 
 
 def compare_answers(
