@@ -189,7 +189,12 @@ class FlashHead:
             raise ValueError(f"n_probes must be in [1, {self.n_clusters}], got {p}")
         noise = draw_gumbel(n_rows, self.n_clusters, temperature, generators, h.device)
         keys = self._ops.probe_keys(
-            h, self.index.cent_q, self.index.cent_scale, inv_t if noise is not None else None, noise
+            h,
+            self.index.cent_q,
+            self.index.cent_scale,
+            inv_t if noise is not None else None,
+            noise,
+            buffers=self._buffers,
         )
         return self._ops.select_probes(keys, p, self.index.n_special_clusters)
 

@@ -58,15 +58,19 @@ def probe_keys(
     noise: torch.Tensor | None = None,
     *,
     fast: bool = False,
+    buffers: dict | None = None,
 ) -> torch.Tensor:
-    """Stage 1: [B, c] float32 centroid scores, perturbed for sampled rows (see module doc)."""
+    """Stage 1: [B, c] float32 centroid scores, perturbed for sampled rows (see module doc).
+
+    `buffers` (the head's own dict) keeps the fast path's dequantized centroids between calls."""
     if fast and h.device.type == "cpu" and _int8_mm_ok(h):
         # Reads the int8 centroids (half the bytes of bf16); 2.5x faster at B=1 on 1 thread.
         scores = torch._weight_int8pack_mm(
             h.to(torch.bfloat16), cent_q, cent_scale.to(torch.bfloat16)
         ).float()
     elif fast and h.device.type == "cpu":
-        scores = torch.nn.functional.linear(h, _dequantized(cent_q, cent_scale, h.dtype)).float()
+        cent = _dequantized(cent_q, cent_scale, h.dtype, buffers)
+        scores = torch.nn.functional.linear(h, cent).float()
     else:
         scores = (h.float() @ cent_q.float().t()) * cent_scale
     return _perturb(scores, inv_t, noise)
@@ -82,19 +86,23 @@ def _perturb(
 
 
 _INT8_MM_MAX_BATCH = 2  # above this, the bf16 GEMM beats torch's int8 weight-only kernel on CPU
-_dequant_cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def _int8_mm_ok(h: torch.Tensor) -> bool:
     return h.shape[0] <= _INT8_MM_MAX_BATCH and hasattr(torch, "_weight_int8pack_mm")
 
 
-def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    key = (q.data_ptr(), dtype)
-    cached = _dequant_cache.get(key)
+def _dequantized(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict | None
+) -> torch.Tensor:
+    # Cached in the caller's buffers (one dict per head), never in a module-level table keyed by
+    # address: a new head whose centroids reuse a freed head's memory would get stale scores.
+    key = ("dequant", dtype)
+    cached = None if buffers is None else buffers.get(key)
     if cached is None:
         cached = (q.float() * scale.unsqueeze(1)).to(dtype)
-        _dequant_cache[key] = cached
+        if buffers is not None:
+            buffers[key] = cached
     return cached
 
 

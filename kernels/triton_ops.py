@@ -320,8 +320,10 @@ def probe_keys(
     cent_scale: torch.Tensor,
     inv_t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    buffers: dict | None = None,
 ) -> torch.Tensor:
-    """Stage 1 keys [B, c] float32; semantics of `reference.probe_keys`."""
+    """Stage 1 keys [B, c] float32; semantics of `reference.probe_keys` (`buffers` unused)."""
     _check_device(h, cent_q)
     n_rows, d = h.shape
     c = cent_q.shape[0]

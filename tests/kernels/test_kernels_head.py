@@ -176,3 +176,23 @@ def test_compiled_cpu_gather_dot_matches_reference(make_assets, monkeypatch):
         torch.testing.assert_close(got.scores[live], want.scores[live], rtol=1e-5, atol=1e-4)
     assert reference.cpu_compile_status() == "enabled"
     assert reference._COMPILE_STATE["fn"] is not None
+
+
+def test_cpu_stage1_never_reuses_another_heads_centroids(make_assets):
+    """Heads built one after another (convert's probe sweeps, eval, two models in a process) each
+    score their own centroids on the CPU fast path, even when a freed head's memory is reused:
+    the dequantized centroids were once cached by address, and a new head got stale scores."""
+    from flashhead.kernels import reference
+
+    h = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))  # B > 2: dequantized path
+    for seed in range(6):
+        weight, assets = make_assets(128, 32, 16, n_probes=4, seed=seed)
+        head = FlashHead.build(weight, assets, backend="torch")
+        i = head.index
+        want = reference.probe_keys(h, i.cent_q, i.cent_scale)
+        for _ in range(2):  # the first call fills the cache, the second reads it
+            keys = head._ops.probe_keys(
+                h, i.cent_q, i.cent_scale, None, None, buffers=head._buffers
+            )
+            torch.testing.assert_close(keys, want, rtol=1e-2, atol=2e-2)
+        del head, i, weight, assets
