@@ -178,23 +178,14 @@ def test_folds_are_contiguous_blocks_within_each_source():
     assert fold[10:].tolist() == [0, 0, 1, 2, 2, 3]
 
 
-def test_cross_validated_probes_match_a_direct_out_of_fold_computation():
+def _out_of_fit_ranks(h, w, a, source, groups):
     from flashhead.assets import FlashHeadAssets
-    from flashhead.evaluation import Evaluator, probes_for
+    from flashhead.evaluation import Evaluator
 
-    g = torch.Generator().manual_seed(9)
-    d, v = 16, 512
-    w = torch.randn(v, d, generator=g)
-    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
-    h = torch.randn(1200, d, generator=g) * 3
-    source = torch.tensor([SOURCES.index("prose")] * 700 + [SOURCES.index("chat")] * 500)
-    got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9, folds=2)
-    assert set(got) == {"prose", "chat"}
-    fold = _folds(source, 2)
-    ranks = torch.empty(1200, dtype=torch.int64)
+    ranks = torch.empty(h.shape[0], dtype=torch.int64)
     top1 = (h @ w.T).argmax(dim=1, keepdim=True)
-    for f in range(2):
-        held = fold == f
+    for g in groups.unique():
+        held = groups == g
         assets = FlashHeadAssets(
             model_dir=Path("."),
             cache_dir=Path("."),
@@ -204,12 +195,64 @@ def test_cross_validated_probes_match_a_direct_out_of_fold_computation():
             special_token_ids=[],
         )
         ranks[held] = Evaluator(w, assets).ranks(h[held], top1[held])[:, 0]
+    return ranks
+
+
+def test_probe_estimates_leave_each_source_out_of_the_fit():
+    """Each source's p comes from centroids fitted on the other sources only."""
+    from flashhead.evaluation import probes_for
+
+    g = torch.Generator().manual_seed(9)
+    d, v = 16, 512
+    w = torch.randn(v, d, generator=g)
+    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    h = torch.randn(1200, d, generator=g) * 3
+    source = torch.tensor([SOURCES.index("prose")] * 700 + [SOURCES.index("chat")] * 500)
+    got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9)
+    assert set(got) == {"prose", "chat"}
+    ranks = _out_of_fit_ranks(h, w, a, source, source)
     for name in ("prose", "chat"):
         want = probes_for(ranks[source == SOURCES.index(name)], 0.9)
         assert abs(got[name] - want) <= 1, (name, got[name], want)  # bf16 vs fp32 top-1 ties
-    # a source with too few rows gets no estimate
+    # a source with too few rows gets no estimate (it still takes part in the others' fits)
     few = cross_validated_probes(Calibration(h[:800], source[:800]), w, a, [], 0.9)
     assert set(few) == {"prose"}
+
+
+def test_a_single_source_is_cross_validated_in_blocks():
+    from flashhead.evaluation import probes_for
+
+    g = torch.Generator().manual_seed(4)
+    d, v = 16, 512
+    w = torch.randn(v, d, generator=g)
+    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    h = torch.randn(900, d, generator=g) * 3
+    source = torch.full((900,), SOURCES.index("prose"))
+    got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9, folds=3)
+    ranks = _out_of_fit_ranks(h, w, a, source, _folds(source, 3))
+    assert abs(got["prose"] - probes_for(ranks, 0.9)) <= 1
+
+
+def test_leaving_a_source_out_sees_the_shift_that_unseen_text_brings():
+    """Issue 10's failure in miniature: two sources from different regions of hidden-state space.
+    Rows held out of their own source look easy (the fit saw their region); with the source
+    left out of the fit, the estimate shows how the ranking does on a region it never saw, and
+    asks for more probes. Within-source folds would have under-probed."""
+    from flashhead.evaluation import probes_for
+
+    g = torch.Generator().manual_seed(5)
+    d, v = 16, 1024
+    w = torch.randn(v, d, generator=g)
+    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    region_a, region_b = torch.randn(d, generator=g) * 3, torch.randn(d, generator=g) * 3
+    h = torch.cat([region_a + torch.randn(800, d, generator=g),
+                   region_b + torch.randn(800, d, generator=g)])  # fmt: skip
+    source = torch.tensor([SOURCES.index("prose")] * 800 + [SOURCES.index("chat")] * 800)
+    est = cross_validated_probes(Calibration(h, source), w, a, [], 0.95)
+    within = _out_of_fit_ranks(h, w, a, source, _folds(source, 4))
+    for name in ("prose", "chat"):
+        in_source = probes_for(within[source == SOURCES.index(name)], 0.95)
+        assert est[name] > in_source, (name, est[name], in_source)
 
 
 def test_auto_probes_margin_rounding_and_cap():
@@ -233,7 +276,7 @@ def test_auto_probes_follow_the_worst_calibration_source():
         h = torch.cat([easy[:600], hard, easy[600:]])
         names = ["prose", hard_source, "chat"]
         source = torch.cat([torch.full((600,), SOURCES.index(n)) for n in names])
-        est = cross_validated_probes(Calibration(h, source), w, a, [], 0.95, folds=3)
+        est = cross_validated_probes(Calibration(h, source), w, a, [], 0.95)
         assert set(est) == set(names)
         assert est[hard_source] > max(est["prose"], est["chat"]), est
         p, _ = auto_probes(est, 64, 16, 1.25, 1.0)
@@ -249,11 +292,6 @@ def test_calibrating_on_a_region_fixes_the_clusters_it_covers():
     from flashhead.evaluation import Evaluator
 
     def agreement(w, a, cal: torch.Tensor, test: torch.Tensor, p: int = 8) -> float:
-        from flashhead.kernels import reference
-
-        # The CPU dequantized-centroid cache is keyed by data_ptr(); heads built one after the
-        # other can reuse an address (a known issue), so each measurement starts from an empty one.
-        reference._dequant_cache.clear()
         assets = FlashHeadAssets(
             model_dir=Path("."),
             cache_dir=Path("."),

@@ -50,9 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_probes,
         default=None,
         help="n_probes written to config.json; 'auto' (default with --centroids fit): the "
-        "smallest p reaching --target-agreement on calibration positions held out of the fit "
-        "(cross-validated, for prose and chat answers alike), x1.25, at most --max-share of "
-        "the vocabulary; otherwise clusters // 16",
+        "smallest p reaching --target-agreement on every calibration source (prose, code, chat "
+        "answers) when the centroids are fitted on the other sources only, the shift that text "
+        "unlike the calibration text brings; at most --max-share of the vocabulary; otherwise "
+        "clusters // 16",
     )
     p.add_argument(
         "--centroids",

@@ -54,7 +54,7 @@ class ConvertOptions:
     # --probes auto: top-1 agreement to reach, per source. 99.9%: a 48-token greedy answer then
     # stays whole with probability 0.999^48 = 95% (at 99.5% only 79%).
     target_agreement: float = 0.999
-    probe_margin: float = 1.25  # --probes auto: the cross-validated p times this
+    probe_margin: float = 1.0  # --probes auto: the left-out-source p times this
     max_share: float = 0.10  # --probes auto: never score more than this share of V
     seed: int = 0
     iterations: int = 8
@@ -231,7 +231,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
                 found = ", ".join(f"{k} p >= {v}" for k, v in estimates.items())
                 _log(
                     f"n_probes {n_probes}: top-1 agreement {100 * opts.target_agreement:g}% on "
-                    f"held-out calibration positions needs {found}; x{opts.probe_margin:g}"
+                    f"each calibration source, centroids fitted without it, needs {found}"
+                    + (f"; x{opts.probe_margin:g}" if opts.probe_margin != 1.0 else "")
                     + (
                         f", capped at {100 * opts.max_share:g}% of the vocabulary" if capped else ""
                     ),

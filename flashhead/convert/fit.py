@@ -128,8 +128,11 @@ def cross_validated_probes(
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Per source with enough rows: the smallest p whose top-1 agreement reaches `target` on
-    rows the centroids were not fitted on, scored as served (int8 centroids). `targets` as in
-    `fit_centroids`."""
+    that source's rows when the centroids are fitted on the *other* sources only, scored as
+    served (int8 centroids). Leaving a whole source out is what text unlike the calibration text
+    does to the ranking; rows held out of their own source (k-fold) miss that shift and gave
+    about half the p that never-seen text needs (docs/convert.md). With a single source, its
+    rows are cut into `folds` blocks instead. `targets` as in `fit_centroids`."""
     from flashhead.convert.clustering import centroids_for
     from flashhead.evaluation import cluster_ranks, probes_for
     from flashhead.head import quantize_centroids
@@ -140,12 +143,11 @@ def cross_validated_probes(
     max_logits, top1 = (
         targets if targets is not None else cluster_max_logits(h, weight, assignments)
     )
-    fold = _folds(cal.source, folds)
+    present = [int(i) for i in cal.source.unique()]
+    group = cal.source if len(present) > 1 else _folds(cal.source, folds)
     ranks = torch.empty(h.shape[0], dtype=torch.int64)
-    for f in range(folds):
-        held = fold == f
-        if not bool(held.any()):
-            continue
+    for g in group.unique():
+        held = group == g
         cent_q, scale = quantize_centroids(_solve(h[~held], max_logits[~held], mean, ridge))
         rows = torch.nonzero(held).flatten()
         for start in range(0, rows.numel(), _ROWS_PER_BLOCK):

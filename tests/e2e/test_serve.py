@@ -27,7 +27,8 @@ PROMPTS = [
     "The best way to learn a new language is",
     "List three uses of copper:",
 ]
-ANSWER_FLOOR = 11  # of 20 held-out questions; measured 13/20 under vllm serve (docs/convert.md)
+# Of 20 held-out questions, asked one at a time; measured 20/20 at p=1040 (docs/convert.md).
+ANSWER_FLOOR = 18
 LONG_PROMPT = " ".join(
     ["The history of the city goes back many centuries, and its people tell stories of it."] * 22
 )
@@ -117,7 +118,12 @@ class TestDefaultProbes:
 
     def test_held_out_questions_answered_as_dense(self, default_probe_servers, smollm2_fh):
         """Issue 10's user-level check: greedy chat answers to held-out questions (never used by
-        convert), 48 tokens each, FlashHead at the served n_probes against dense."""
+        convert), 48 tokens each, FlashHead at the served n_probes against dense.
+
+        One request at a time on each server: on a bf16 CPU model the dense server's own answers
+        depend on what else shares the batch (measured: 11 of these 20 answers identical between
+        one-at-a-time and 20 concurrent requests, FlashHead off), so only equal batch shapes
+        compare the heads and not the batching."""
         from flashhead.convert.chat import questions
 
         fh, dense = default_probe_servers
@@ -132,9 +138,9 @@ class TestDefaultProbes:
                 )  # fmt: skip
                 return r["choices"][0]["message"]["content"]
 
-            return run_concurrently([lambda q=q: one(q) for q in asked])
+            return [one(q) for q in asked]
 
-        got, ref = answers(fh), answers(dense)
+        got, ref = run_concurrently([lambda: answers(fh), lambda: answers(dense)])
         differing = [(q, a, b) for q, a, b in zip(asked, got, ref) if a != b]
         n_probes = json.loads((smollm2_fh / "config.json").read_text())["n_probes"]
         print(f"\nSmolLM2 held-out questions at n_probes={n_probes}: "
