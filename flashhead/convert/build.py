@@ -24,6 +24,7 @@ from flashhead.convert.fit import (
     cluster_max_logits,
     cross_validated_probes,
     fit_centroids,
+    normal_equations,
     sample_calibration,
     whitening,
 )
@@ -215,10 +216,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
             seconds["cluster"] = time.monotonic() - t3
             t4 = time.monotonic()
             targets = cluster_max_logits(cal.h, w32, assignments)
-            centroids = fit_centroids(cal.h, w32, assignments, targets=targets)
+            normal = normal_equations(cal.h, targets[0])
+            centroids = fit_centroids(cal.h, w32, assignments, normal=normal)
             if auto_probes_wanted:
                 estimates = cross_validated_probes(
-                    cal, w32, assignments, specials, opts.target_agreement, targets=targets
+                    cal,
+                    w32,
+                    assignments,
+                    specials,
+                    opts.target_agreement,
+                    targets=targets,
+                    normal=normal,
                 )
                 if not estimates:
                     raise ConvertError(
