@@ -171,7 +171,10 @@ def _ensure_log_handler() -> None:
     level = logging.getLevelName(level_name)
     if isinstance(level, int):
         logger.setLevel(level)
-    if logger.handlers or logging.getLogger().handlers:
+    # A root handler set up by someone else only counts if it lets our level through: vLLM 0.16's
+    # API server has one at ERROR, and the start-up line vanished there.
+    wanted = logger.getEffectiveLevel()
+    if logger.handlers or any(h.level <= wanted for h in logging.getLogger().handlers):
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(

@@ -461,3 +461,19 @@ def test_process_hosting(kind, needed, applies):
     from flashhead.compat.process import hosts
 
     assert hosts(kind, needed) is applies
+
+
+@pytest.mark.parametrize("root_level, ours", [(logging.ERROR, True), (logging.NOTSET, False)])
+def test_start_up_line_visible_whatever_the_root_handler(monkeypatch, root_level, ours):
+    """vLLM 0.16's API server carries a root handler at ERROR: relying on it hid the start-up
+    line there. A root handler that lets INFO through is used as it is (no duplicate lines)."""
+    from flashhead import plugin
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.setLevel(root_level)
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(plugin.logger, "handlers", [])
+    monkeypatch.delenv(plugin.LOG_LEVEL_ENV, raising=False)
+    plugin._ensure_log_handler()
+    assert bool(plugin.logger.handlers) is ours
