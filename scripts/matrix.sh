@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The run-time matrix: for each vLLM release given, build its venv (scripts/make_vllm_env.sh),
+# install this checkout into it, and run the release smoke (tests/matrix) on real `vllm serve`.
+# Each release's outcome goes to the results file as its run-time check (the support table's
+# column): "ok (serves flashhead)", "ok (serves dense)", "smoke failed", or
+# "not installable: <why>".
+#
+# usage: scripts/matrix.sh [--results FILE] [--clean] X [X ...]
+#   --results FILE  merge outcomes into FILE (default: $FLASHHEAD_CACHE/matrix.json)
+#   --clean         delete each release's venv after its smoke (CUDA-torch venvs are 4-8 GB)
+# exit: 0 all smokes passed (or the release cannot be installed here), 1 a smoke failed.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+results="$FLASHHEAD_CACHE/matrix.json"; clean=0; releases=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --results) results="$2"; shift 2 ;;
+    --clean) clean=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -*) echo "matrix.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    *) releases+=("$1"); shift ;;
+  esac
+done
+[ ${#releases[@]} -gt 0 ] || { echo "matrix.sh: name at least one release, e.g. 0.23.0" >&2; exit 2; }
+
+record() {  # release, outcome, seconds
+  python3 - "$results" "$1" "$2" "$3" <<'EOF'
+import json, sys
+from pathlib import Path
+path, release, outcome, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+doc = json.loads(path.read_text()) if path.exists() else {"schema": 1, "releases": {}}
+entry = doc.setdefault("releases", {}).setdefault(release, {})
+entry.update(runtime_check=outcome, runtime_seconds=int(seconds))
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+EOF
+}
+
+worst=0
+for ver in "${releases[@]}"; do
+  start=$(date +%s)
+  venv="$FLASHHEAD_CACHE/venvs/vllm-$ver"
+  printf '\n=== [%s] vLLM %s: venv\n' "$(date +%H:%M:%S)" "$ver"
+  envlog="$FLASHHEAD_CACHE/matrix-env-$ver.log"
+  "$repo/scripts/make_vllm_env.sh" "$ver" "$venv" 2>&1 | tee "$envlog" || true
+  if ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
+    why=$(grep -m1 "cannot be installed here" "$envlog" | sed 's/.*cannot be installed here: //' || true)
+    echo "vLLM $ver: not installable here: ${why:-see make_vllm_env.sh output}"
+    record "$ver" "not installable: ${why:-make_vllm_env.sh failed}" $(( $(date +%s) - start ))
+    rm -rf "$venv"
+    continue
+  fi
+  "$venv/bin/pip" install -q --no-deps -e "$repo" 2>&1 | grep -vE '^(WARNING: Location|$)' || true
+  printf '=== [%s] vLLM %s: smoke\n' "$(date +%H:%M:%S)" "$ver"
+  if (cd "$repo" && "$venv/bin/python" -m pytest -q -p no:cacheprovider -m matrix tests/matrix); then
+    serve=$("$venv/bin/python" -c "
+from flashhead.compat.version import detect_vllm_version as d
+from flashhead.registry import load_patchsets, select_patchset
+print(select_patchset(load_patchsets().patchsets, d().release_for_matching).serve)" 2>/dev/null | tail -1)
+    outcome="ok (serves ${serve:-?})"
+  else
+    outcome="smoke failed"; worst=1
+  fi
+  secs=$(( $(date +%s) - start ))
+  echo "vLLM $ver: $outcome in ${secs} s"
+  record "$ver" "$outcome" "$secs"
+  [ $clean = 1 ] && rm -rf "$venv"
+done
+echo "results: $results"
+exit $worst
