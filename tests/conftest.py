@@ -45,3 +45,18 @@ def clean_flashhead_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLASHHEAD_") and name != "FLASHHEAD_TEST_PYTHON":
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model, tokenizer): a tiny random-weight Llama in float32, for tests of the conversion's
+    text and hidden-state plumbing (loaded once per session)."""
+    import torch
+    from helpers.tiny_models import cached_tiny_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(os.environ.get("FLASHHEAD_TEST_CACHE", tmp_path_factory.mktemp("tiny-cache")))
+    folder = cached_tiny_model(cache, vocab_size=1024, hidden=64, layers=2)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tok

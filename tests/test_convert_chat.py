@@ -4,13 +4,11 @@ answers (checked against a teacher-forced pass over prompt + answer)."""
 from __future__ import annotations
 
 import ast
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_models import cached_tiny_model
 
 from flashhead.convert.chat import (
     chat_hidden_states,
@@ -20,17 +18,6 @@ from flashhead.convert.chat import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = Path(os.environ.get("FLASHHEAD_TEST_CACHE", tmp_path_factory.mktemp("tiny-cache")))
-    folder = cached_tiny_model(cache, vocab_size=1024, hidden=64, layers=2)
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, tok
 
 
 def _demo_questions() -> list[str]:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-from helpers.tiny_models import cached_tiny_model
 
 from flashhead.convert.hidden import token_windows
 from flashhead.convert.sampled import sampled_hidden_states
@@ -17,17 +13,6 @@ from flashhead.convert.texts import (
     _stdlib_modules,
     family_text,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = Path(os.environ.get("FLASHHEAD_TEST_CACHE", tmp_path_factory.mktemp("tiny-cache")))
-    folder = cached_tiny_model(cache, vocab_size=1024, hidden=64, layers=2)
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, tok
 
 
 def test_every_family_has_text_and_the_halves_are_disjoint():
