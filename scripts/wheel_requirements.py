@@ -15,9 +15,10 @@ import zipfile
 
 from packaging.requirements import Requirement
 
-# Installed separately (torch) or left out (CUDA builds of the others break transformers'
-# imports on CPU; they only serve multimodal models).
-TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "torchcodec"}
+# Installed separately (torch, which brings the triton it was built with) or left out (CUDA
+# builds of the others break transformers' imports on CPU; they only serve multimodal models).
+# 0.11's wheel pins triton==3.2.0, which torch 2.8.0 from PyPI (triton 3.4.0) cannot sit beside.
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "torchcodec", "triton"}
 
 
 def requirements(wheel: str) -> list[Requirement]:
