@@ -155,6 +155,7 @@ def cross_validated_probes(
     from flashhead.convert.clustering import centroids_for
     from flashhead.evaluation import cluster_ranks, probes_for
     from flashhead.head import quantize_centroids
+    from flashhead.kernels.reference import probe_keys
 
     h = cal.h.float()
     mean = centroids_for(weight.float(), assignments, "mean")
@@ -162,8 +163,7 @@ def cross_validated_probes(
         targets if targets is not None else cluster_max_logits(h, weight, assignments)
     )
     gram, ht_targets = normal if normal is not None else normal_equations(h, max_logits)
-    present = [int(i) for i in cal.source.unique()]
-    group = cal.source if len(present) > 1 else _folds(cal.source, folds)
+    group = cal.source if cal.source.unique().numel() > 1 else _folds(cal.source, folds)
     ranks = torch.empty(h.shape[0], dtype=torch.int64)
     for g in group.unique():
         rows = torch.nonzero(group == g).flatten()
@@ -174,10 +174,10 @@ def cross_validated_probes(
             gram - h_out.T @ h_out, ht_targets - h_out.T @ max_logits[rows], mean, ridge
         )
         cent_q, scale = quantize_centroids(fitted)
-        cent_f = cent_q.float()  # once per fit, not per block
+        cent_f = cent_q.float()  # upcast once per fit; probe_keys would redo it every block
         for start in range(0, rows.numel(), _ROWS_PER_BLOCK):
             r = rows[start : start + _ROWS_PER_BLOCK]
-            keys = (h[r] @ cent_f.T) * scale  # reference.probe_keys, as served
+            keys = probe_keys(h[r], cent_f, scale)
             ranks[r] = cluster_ranks(keys, assignments, top1[r, None], special_token_ids)[:, 0]
     n_clusters = int(assignments.max()) + 1
     out = {}
