@@ -178,7 +178,16 @@ def test_folds_are_contiguous_blocks_within_each_source():
     assert fold[10:].tolist() == [0, 0, 1, 2, 2, 3]
 
 
-def _out_of_fit_ranks(h, w, a, source, groups):
+def _clustered_head(seed: int, vocab: int, d: int = 16):
+    """(generator, random [vocab, d] head, its balanced clusters of 16) for the probe tests."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, d, generator=g)
+    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    return g, w, a
+
+
+def _out_of_fit_ranks(h, w, a, groups):
+    """Rank of the dense top-1's cluster per row, centroids fitted without the row's group."""
     from flashhead.assets import FlashHeadAssets
     from flashhead.evaluation import Evaluator
 
@@ -202,15 +211,13 @@ def test_probe_estimates_leave_each_source_out_of_the_fit():
     """Each source's p comes from centroids fitted on the other sources only."""
     from flashhead.evaluation import probes_for
 
-    g = torch.Generator().manual_seed(9)
-    d, v = 16, 512
-    w = torch.randn(v, d, generator=g)
-    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    g, w, a = _clustered_head(seed=9, vocab=512)
+    d = w.shape[1]
     h = torch.randn(1200, d, generator=g) * 3
     source = torch.tensor([SOURCES.index("prose")] * 700 + [SOURCES.index("chat")] * 500)
     got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9)
     assert set(got) == {"prose", "chat"}
-    ranks = _out_of_fit_ranks(h, w, a, source, source)
+    ranks = _out_of_fit_ranks(h, w, a, source)
     for name in ("prose", "chat"):
         want = probes_for(ranks[source == SOURCES.index(name)], 0.9)
         assert abs(got[name] - want) <= 1, (name, got[name], want)  # bf16 vs fp32 top-1 ties
@@ -222,14 +229,12 @@ def test_probe_estimates_leave_each_source_out_of_the_fit():
 def test_a_single_source_is_cross_validated_in_blocks():
     from flashhead.evaluation import probes_for
 
-    g = torch.Generator().manual_seed(4)
-    d, v = 16, 512
-    w = torch.randn(v, d, generator=g)
-    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    g, w, a = _clustered_head(seed=4, vocab=512)
+    d = w.shape[1]
     h = torch.randn(900, d, generator=g) * 3
     source = torch.full((900,), SOURCES.index("prose"))
     got = cross_validated_probes(Calibration(h, source), w, a, [], 0.9, folds=3)
-    ranks = _out_of_fit_ranks(h, w, a, source, _folds(source, 3))
+    ranks = _out_of_fit_ranks(h, w, a, _folds(source, 3))
     assert abs(got["prose"] - probes_for(ranks, 0.9)) <= 1
 
 
@@ -240,16 +245,14 @@ def test_leaving_a_source_out_sees_the_shift_that_unseen_text_brings():
     asks for more probes. Within-source folds would have under-probed."""
     from flashhead.evaluation import probes_for
 
-    g = torch.Generator().manual_seed(5)
-    d, v = 16, 1024
-    w = torch.randn(v, d, generator=g)
-    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    g, w, a = _clustered_head(seed=5, vocab=1024)
+    d = w.shape[1]
     region_a, region_b = torch.randn(d, generator=g) * 3, torch.randn(d, generator=g) * 3
     h = torch.cat([region_a + torch.randn(800, d, generator=g),
                    region_b + torch.randn(800, d, generator=g)])  # fmt: skip
     source = torch.tensor([SOURCES.index("prose")] * 800 + [SOURCES.index("chat")] * 800)
     est = cross_validated_probes(Calibration(h, source), w, a, [], 0.95)
-    within = _out_of_fit_ranks(h, w, a, source, _folds(source, 4))
+    within = _out_of_fit_ranks(h, w, a, _folds(source, 4))
     for name in ("prose", "chat"):
         in_source = probes_for(within[source == SOURCES.index(name)], 0.95)
         assert est[name] > in_source, (name, est[name], in_source)
@@ -265,10 +268,8 @@ def test_auto_probes_margin_rounding_and_cap():
 def test_auto_probes_follow_the_worst_calibration_source():
     """--probes auto takes the source that needs the most probes: a hard source (hidden states
     unlike the easy ones) raises p, whichever position it has among the sources."""
-    g = torch.Generator().manual_seed(3)
-    d, v = 16, 1024
-    w = torch.randn(v, d, generator=g)
-    a = balanced_kmeans(w, KMeansOptions(cluster_size=16, iterations=3, progress=False))
+    g, w, a = _clustered_head(seed=3, vocab=1024)
+    d = w.shape[1]
     easy_dir = torch.randn(d, generator=g)
     easy = easy_dir + 0.3 * torch.randn(1200, d, generator=g)  # one region of the head: easy
     hard = 3 * torch.randn(600, d, generator=g)  # all over the head: many clusters compete
