@@ -25,16 +25,16 @@ while [ $# -gt 0 ]; do
 done
 [ ${#releases[@]} -gt 0 ] || { echo "matrix.sh: name at least one release, e.g. 0.23.0" >&2; exit 2; }
 
-record() {  # release, outcome, seconds
-  python3 - "$results" "$1" "$2" "$3" <<'EOF'
-import json, sys
+record() {  # release, outcome, seconds: merged with the support table's own results I/O
+  mkdir -p "$(dirname "$results")"
+  PYTHONPATH="$repo" python3 - "$results" "$1" "$2" "$3" <<'EOF'
+import sys
 from pathlib import Path
+from flashhead.support_table import load_results, write_results
 path, release, outcome, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-doc = json.loads(path.read_text()) if path.exists() else {"schema": 1, "releases": {}}
-entry = doc.setdefault("releases", {}).setdefault(release, {})
-entry.update(runtime_check=outcome, runtime_seconds=int(seconds))
-path.parent.mkdir(parents=True, exist_ok=True)
-path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+releases = load_results(path)["releases"]
+releases.setdefault(release, {}).update(runtime_check=outcome, runtime_seconds=int(seconds))
+write_results(path, releases)
 EOF
 }
 
