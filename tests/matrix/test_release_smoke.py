@@ -111,9 +111,7 @@ def servers(models, test_python, tmp_path_factory):
         for group in groups:
             start_all(group)
             for s in group:
-                out[s.name] = _Answers(s)
-            for s in group:
-                s.stop()
+                out[s.name] = _Answers(s)  # asks, then stops the server and keeps its log
         yield out
     finally:
         for group in groups:
