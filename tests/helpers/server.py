@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ BASE_ENV = {
 # machine torch.compile adds 20-30 s per start and the tests measure behaviour, not speed.
 SERVE_ARGS = ("--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager")
 START_TIMEOUT_S = float(os.environ.get("FLASHHEAD_E2E_START_TIMEOUT", "420"))
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ServerStartError(RuntimeError):
@@ -177,8 +179,10 @@ class VllmServer:
         return self.proc.returncode
 
     def log(self) -> str:
+        """The server's output without terminal colours: vLLM 0.11 colours its "(Name pid=N)"
+        prefixes even into a file."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return _ANSI_ESCAPE.sub("", self.log_path.read_text(errors="replace"))
         except OSError:
             return ""
 
