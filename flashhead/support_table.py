@@ -115,12 +115,24 @@ def write_results(path: Path, releases: Mapping[str, Mapping]) -> None:
     os.replace(tmp, path)
 
 
+def table_releases(results: Mapping) -> list[str]:
+    """CI_RELEASES, plus every release the results hold a run-time check for: the run-time matrix
+    runs the newest release of a family that loads here, which is not always the one the static
+    check reads (0.11.1.post2 runs; 0.11.2's native code does not load on this machine)."""
+    checked = results.get("releases", {})
+    extra = {r for r, res in checked.items() if "runtime_check" in res}
+    return sorted(set(CI_RELEASES) | extra, key=Version)
+
+
 def build_rows(
-    patchsets: Sequence, results: Mapping, releases: Sequence[str] = CI_RELEASES
+    patchsets: Sequence, results: Mapping, releases: Sequence[str] | None = None
 ) -> list[Row]:
+    """One row per release: `releases`, or by default `table_releases(results)`."""
     from flashhead.registry import select_patchset
 
     checked = results.get("releases", {})
+    if releases is None:
+        releases = table_releases(results)
     rows = []
     for release in releases:
         ps = select_patchset(patchsets, release)
@@ -160,8 +172,9 @@ def render_markdown(rows: Sequence[Row]) -> str:
         "check: `ok` = the patch engine against the installed release (`flashhead doctor`) and "
         "the full e2e suite; `ok (serves ...)` = the release smoke of `scripts/matrix.sh` "
         "(real `vllm serve`: every process, doctor, all probes equal dense, one probe differs, "
-        "seeded repeats, plain models untouched, refused without the plugin); `not run`: not "
-        "run by CI yet."
+        "seeded repeats, plain models untouched, refused without the plugin); `not "
+        "installable: ...` = CI tried the release and says why it cannot run on its machine; "
+        "`not run`: not run by CI yet."
     )
     return "\n".join(lines) + "\n" + legend + "\n"
 

@@ -289,6 +289,28 @@ def test_table_combines_support_blocks_and_results(tmp_path):
     assert md.startswith("| vLLM | patchset |")
 
 
+def test_a_release_run_outside_the_static_list_gets_its_own_row():
+    # The matrix runs the newest release of a family that loads here (0.11.1.post2), which the
+    # static check does not read; only a run-time result adds a row, in version order.
+    results = {
+        "releases": {
+            "0.11.1.post2": {"runtime_check": "ok (serves flashhead)"},
+            "0.11.2": {"static_check": "ok", "runtime_check": "not installable: why"},
+            "0.11.3": {"static_check": "ok"},
+        }
+    }
+    releases = support_table.table_releases(results)
+    assert set(releases) == set(support_table.CI_RELEASES) | {"0.11.1.post2"}
+    assert releases.index("0.11.1.post2") + 1 == releases.index("0.11.2")
+    rows = support_table.build_rows(registry.load_patchsets().patchsets, results)
+    row = next(r for r in rows if r.release == "0.11.1.post2")
+    assert (row.patchset, row.static_check, row.runtime_check) == (
+        "vllm-0.11.yaml",
+        "not run",
+        "ok (serves flashhead)",
+    )
+
+
 def test_results_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "support.json"
     bad.write_text("{not json")
