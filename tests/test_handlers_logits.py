@@ -12,8 +12,16 @@ import torch.nn.functional as F
 
 from flashhead.assets import write_assets
 from flashhead.handlers import logits as logits_mod
+from flashhead.handlers import runner_v1
 from flashhead.handlers.logits import make_logits_processor
-from flashhead.handlers.plan import RowDecision, RowKind, StepPlan, greedy_plan, plan_scope
+from flashhead.handlers.plan import (
+    RowDecision,
+    RowKind,
+    StepPlan,
+    dense_plan,
+    greedy_plan,
+    plan_scope,
+)
 
 V, D, C = 96, 16, 12  # vocab, hidden, clusters (8 tokens each)
 
@@ -121,6 +129,30 @@ def test_row_mismatch_is_stock(model):
     with plan_scope(greedy_plan(2)):
         out = proc(head, h)
     assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+
+
+def test_a_dense_step_says_why_once_per_reason(model, monkeypatch, caplog):
+    # No silent fallback: a FlashHead model's step served dense for a configuration reason
+    # (speculative decoding on a release that does not map its rows) is logged once per server.
+    _, head = model
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    with caplog.at_level(logging.INFO, logger="flashhead.test"):
+        for rows in (2, 3, 2):
+            with plan_scope(dense_plan(runner_v1.SPEC_DECODE_DENSE)):
+                proc(head, torch.randn(rows, D))
+            with plan_scope(greedy_plan(rows + 1)):  # row counts differ: one line, not three
+                proc(head, torch.randn(rows, D))
+        proc(head, torch.randn(2, D))  # no plan at all: not a decode step, DEBUG only
+    messages = [r.getMessage() for r in caplog.records]
+    spec = [m for m in messages if "served dense: speculative decoding" in m]
+    assert len(spec) == 1 and "support.spec_decode: dense" in spec[0]
+    assert [r.levelno for r in caplog.records if "speculative" in r.getMessage()] == [
+        logging.WARNING
+    ]
+    assert sum("served dense: plan has" in m for m in messages) == 1
+    assert not any("no step plan" in m for m in messages)
 
 
 @pytest.mark.parametrize("scale, soft_cap", [(1.0, None), (0.5, None), (1.0, 3.0), (2.0, 5.0)])

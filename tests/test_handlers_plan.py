@@ -200,10 +200,56 @@ def test_v1_seeded_noise_depends_on_position_not_batch():
     assert not torch.equal(draw(next_step.generator(0)), draw(seeded_generator(7, 10)))
 
 
-def test_v1_spec_decode_is_dense():
+def test_v1_spec_decode_is_dense_unless_the_patchset_serves_drafts():
     runner = fake_v1_runner([("a", params(temperature=0.0), 0)], spec=object())
     plan = runner_v1.build_plan(runner)
-    assert plan.all_dense_reason == "speculative decoding"
+    assert plan.all_dense_reason.startswith("speculative decoding: ")
+    assert "support.spec_decode: dense" in plan.all_dense_reason
+
+
+def spec_sched(drafts, **num_scheduled):
+    return types.SimpleNamespace(
+        num_scheduled_tokens=num_scheduled, scheduled_spec_decode_tokens=drafts
+    )
+
+
+def test_v1_verification_rows_repeat_each_request_per_draft_token():
+    runner = fake_v1_runner(
+        [
+            ("a", params(temperature=0.0), 5),
+            ("b", params(temperature=0.0, logprobs=1), 9),
+            ("c", params(temperature=0.5, seed=7), 4),
+            ("d", params(temperature=0.0), 20),  # a prefill chunk: no drafts, one row
+        ],
+        spec=object(),
+    )
+    # vLLM's logits rows: per request in batch order, one per draft token plus one.
+    sched_out = spec_sched({"a": [11, 12, 13], "c": [5, 6]}, a=4, b=1, c=3, d=64)
+    plan = runner_v1.build_plan(runner, sched_out, drafts=True)
+    kinds = [d.kind for d in plan.decisions]
+    assert kinds == [RowKind.GREEDY] * 4 + [RowKind.DENSE] + [RowKind.SAMPLED] * 3 + [
+        RowKind.GREEDY
+    ]
+    assert plan.num_rows == 9 and plan.dense_rows() == [4]
+    assert all(d.temperature == 0.5 for d in plan.decisions[5:8])
+    # Row j of "c" predicts the token at position 4 + 1 + j: the generator a step without
+    # speculation would give that position, so the candidate draw per position is the same.
+    for row, position in zip(range(5, 8), (5, 6, 7)):
+        assert torch.equal(draw(plan.generator(row)), draw(seeded_generator(7, position)))
+    plain = runner_v1.build_plan(
+        fake_v1_runner([("c", params(temperature=0.5, seed=7), 4)]), sched(c=1)
+    )
+    again = runner_v1.build_plan(runner, sched_out, drafts=True)  # generators are stateful
+    assert torch.equal(draw(plain.generator(0)), draw(again.generator(5)))
+    assert plan.generator(0) is None and plan.generator(8) is None
+
+
+def test_v1_speculative_step_without_drafts_has_one_row_per_request():
+    runner = fake_v1_runner(
+        [("a", params(temperature=0.0), 5), ("b", params(temperature=0.0), 7)], spec=object()
+    )
+    plan = runner_v1.build_plan(runner, spec_sched({}, a=1, b=1), drafts=True)
+    assert plan.num_rows == 2 and not plan.all_dense_reason
 
 
 def test_v1_execute_model_wrapper_plans_after_batch_update():

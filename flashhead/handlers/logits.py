@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def _log_once(key: str, level: int, msg: str, *args: Any) -> None:
         return
     _logged_once.add(key)
     _logger().log(level, msg, *args)
+
+
+def _log_dense_step(model: str, why: str) -> None:
+    """Say once per reason why a whole logits call of a FlashHead model was served dense (no
+    silent fallback). Calls outside any step plan (a drafter's head, a caller FlashHead does not
+    know) are logged at DEBUG only: they are not decode steps of this model."""
+    if why.startswith("no step plan"):
+        level = logging.DEBUG
+    elif why.startswith("speculative decoding") or why.startswith("plan has"):
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    # One line per kind of reason: row counts differ from call to call.
+    _log_once(
+        "dense-step:" + re.sub(r"\d+", "N", why),
+        level,
+        "FlashHead: logits of %s served dense: %s",
+        model,
+        why,
+    )
 
 
 def flashhead_enabled() -> bool:
@@ -176,8 +197,10 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
             state: _FlashHeadState = self._flashhead
             if self.logits_as_input or embedding_bias is not None or hidden_states.dim() != 2:
                 return stock(hidden_states)
-            plan, _why = plan_for_rows(int(hidden_states.shape[0]))
+            plan, why = plan_for_rows(int(hidden_states.shape[0]))
             if plan is None or not plan.flash_rows():
+                if plan is None:
+                    _log_dense_step(state.model, why)
                 return stock(hidden_states)
             try:
                 head = state.head_for(lm_head, self.org_vocab_size)
@@ -235,6 +258,15 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     state.model,
                     path,
                 )
+                if plan.source.endswith("-spec"):
+                    _log_once(
+                        "spec",
+                        logging.INFO,
+                        "FlashHead: speculative decoding verification rows of %s served "
+                        "(%d logits rows in the first such step)",
+                        state.model,
+                        plan.num_rows,
+                    )
             return logits
 
         if has_skip_gather:
