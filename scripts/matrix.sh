@@ -38,13 +38,25 @@ write_results(path, releases)
 EOF
 }
 
-worst=0
-for ver in "${releases[@]}"; do
+build() {  # release: its venv, output to its log (make_vllm_env.sh is idempotent)
+  "$repo/scripts/make_vllm_env.sh" "$1" "$FLASHHEAD_CACHE/venvs/vllm-$1" \
+    > "$FLASHHEAD_CACHE/matrix-env-$1.log" 2>&1 || true
+}
+
+mkdir -p "$FLASHHEAD_CACHE/venvs"
+worst=0; prefetch=""; prefetched=""
+for idx in "${!releases[@]}"; do
+  ver="${releases[$idx]}"; next="${releases[$((idx + 1))]:-}"
   start=$(date +%s)
   venv="$FLASHHEAD_CACHE/venvs/vllm-$ver"
   printf '\n=== [%s] vLLM %s: venv\n' "$(date +%H:%M:%S)" "$ver"
   envlog="$FLASHHEAD_CACHE/matrix-env-$ver.log"
-  "$repo/scripts/make_vllm_env.sh" "$ver" "$venv" 2>&1 | tee "$envlog" || true
+  if [ "$prefetched" = "$ver" ]; then wait "$prefetch" || true; else build "$ver"; fi
+  prefetch=""; prefetched=""
+  cat "$envlog"
+  # The next release's venv builds (downloads, unpacking: mostly I/O) while this one's smoke
+  # runs (CPU): about 2.5 minutes saved a release.
+  if [ -n "$next" ] && [ "$next" != "$ver" ]; then build "$next" & prefetch=$!; prefetched="$next"; fi
   if ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
     why=$(grep -m1 "cannot be installed here" "$envlog" | sed 's/.*cannot be installed here: //' || true)
     echo "vLLM $ver: not installable here: ${why:-see make_vllm_env.sh output}"
@@ -68,5 +80,6 @@ print(select_patchset(load_patchsets().patchsets, d().release_for_matching).serv
   record "$ver" "$outcome" "$secs"
   [ $clean = 1 ] && rm -rf "$venv"
 done
+[ -z "$prefetch" ] || wait "$prefetch" || true
 echo "results: $results"
 exit $worst
