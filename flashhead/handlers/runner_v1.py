@@ -49,11 +49,9 @@ def build_plan(runner: Any, scheduler_output: Any = None, *, drafts: bool = Fals
     batch = runner.input_batch
     requests = runner.requests
     scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
-    draft_ids = (
-        (getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {})
-        if (speculative)
-        else {}
-    )
+    draft_ids = {}
+    if speculative:
+        draft_ids = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
     decisions = []
     generators: list[torch.Generator | None] = []
     for index, req_id in enumerate(batch.req_ids):
