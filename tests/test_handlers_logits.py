@@ -293,3 +293,82 @@ def test_embedding_bias_is_dense(model):
     with plan_scope(greedy_plan(2)):
         out = proc(head, h, bias)
     assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h, bias))
+
+
+class FakeDrafterModel(torch.nn.Module):
+    def __init__(self, logits_processor, lm_head):
+        super().__init__()
+        self.logits_processor = logits_processor
+        self.lm_head = lm_head
+
+    def compute_logits(self, hidden_states):
+        return self.logits_processor(self.lm_head, hidden_states)
+
+
+class FakeProposer:
+    """vLLM's SpecDecodeBaseProposer as the drafter wrapper reads it."""
+
+    use_local_argmax_reduction = False
+    use_heterogeneous_vocab = False
+
+    def __init__(self, model):
+        self.model = model
+        self.speculative_config = type(
+            "Spec",
+            (),
+            {"method": "draft_model", "draft_model_config": type("M", (), {"model": "draft-dir"})},
+        )()
+
+    def _greedy_sample(self, hidden_states):
+        return self.model.compute_logits(hidden_states).argmax(dim=-1)
+
+
+def _drafts(proposer, h):
+    from flashhead.handlers.drafter import greedy_sample
+
+    return greedy_sample(proposer._greedy_sample, proposer, (h,), {})
+
+
+def test_a_flashhead_draft_model_drafts_flashhead_argmax(model, monkeypatch, caplog):
+    # The drafter's processor holds the draft's own assets: its greedy drafts are FlashHead's
+    # (1 of 12 clusters probed: some rows differ from dense), and the log says so once.
+    model_dir, head = model
+    set_probes(model_dir, 1)
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    proposer = FakeProposer(FakeDrafterModel(proc, head))
+    # Batches of 4: small enough that the dispatcher keeps candidate retrieval (not dense).
+    h = 3 * torch.randn(256, D, generator=torch.Generator().manual_seed(5))
+    batches = h.split(4)
+    with caplog.at_level(logging.INFO, logger="flashhead.test"):
+        drafts = torch.cat([_drafts(proposer, b) for b in batches])
+    dense = (h @ head.weight.T).argmax(dim=-1)
+    flash = []
+    for b in batches:
+        with plan_scope(greedy_plan(4)):
+            flash.append(proc(head, b).argmax(dim=-1))
+    flash = torch.cat(flash)
+    assert torch.equal(drafts, flash)
+    assert not torch.equal(drafts, dense)
+    assert torch.equal(proposer._greedy_sample(batches[0]), dense[:4])  # no plan: dense
+    lines = [r.getMessage() for r in caplog.records if "draft tokens of" in r.getMessage()]
+    assert len(lines) == 1 and "served by FlashHead (p=1 probes)" in lines[0]
+
+
+def test_a_plain_drafter_is_dense_and_said_once_when_flashhead_serves(model, monkeypatch, caplog):
+    _, head = model
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proposer = FakeProposer(FakeDrafterModel(FakeLogitsProcessor(V), head))
+    h = torch.randn(8, D)
+    monkeypatch.setattr(logits_mod, "_states", [])
+    with caplog.at_level(logging.INFO, logger="flashhead.test"):
+        # No FlashHead model in this process: nothing to say.
+        assert torch.equal(_drafts(proposer, h), (h @ head.weight.T).argmax(dim=-1))
+        assert not caplog.records
+        make_logits_processor(FakeLogitsProcessor, None)(V)  # the FlashHead target
+        for _ in range(3):
+            assert torch.equal(_drafts(proposer, h), (h @ head.weight.T).argmax(dim=-1))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "draft tokens of draft-dir (draft_model) scored dense" in lines[0]

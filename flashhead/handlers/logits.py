@@ -41,13 +41,24 @@ def _logger() -> logging.Logger:
 
 
 _logged_once: set[str] = set()
+# Every FlashHead model whose logits processor this process built (a target, a draft model).
+_states: list[_FlashHeadState] = []
 
 
-def _log_once(key: str, level: int, msg: str, *args: Any) -> None:
+def log_once(key: str, level: int, msg: str, *args: Any) -> None:
+    """Log ``msg`` the first time ``key`` is seen in this process."""
     if key in _logged_once:
         return
     _logged_once.add(key)
     _logger().log(level, msg, *args)
+
+
+_log_once = log_once
+
+
+def flashhead_models_in_process() -> list[str]:
+    """The FlashHead models served in this process (their paths, in construction order)."""
+    return [state.model for state in _states]
 
 
 def _log_dense_step(model: str, why: str) -> None:
@@ -231,7 +242,15 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     exc,
                 )
                 return stock(hidden_states)
-            if not plan.source.endswith("dummy"):
+            if plan.source.endswith("-draft"):
+                _log_once(
+                    f"draft:{id(state)}",
+                    logging.INFO,
+                    "FlashHead: draft tokens of %s served by FlashHead (p=%d probes)",
+                    state.model,
+                    int(getattr(head, "n_probes", -1)),
+                )
+            elif not plan.source.endswith("dummy"):
                 _log_once(
                     "serving",
                     logging.INFO,
@@ -318,7 +337,9 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     # Bad assets are bad input: fail the model load with the asset loader's message
     # (file, field, fix) rather than serve a FlashHead model without FlashHead.
     assets = load_assets(model_dir, config)
-    return _FlashHeadState(model, model_dir, assets)
+    state = _FlashHeadState(model, model_dir, assets)
+    _states.append(state)
+    return state
 
 
 def _plan_logits(

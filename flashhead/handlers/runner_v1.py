@@ -11,7 +11,7 @@ They open a step plan (``flashhead.handlers.plan``) around the runner calls that
   ``_calc_spec_decode_metadata``), each with the request's decision and a generator keyed by
   the position that row predicts. vLLM's rejection sampler then runs on FlashHead's logits
   (docs/DESIGN.md, "Speculative decoding"). Drafters compute their logits in ``sample_tokens``,
-  outside this scope, so their heads stay dense;
+  outside this scope: ``flashhead.handlers.drafter`` opens their plan;
 - ``_get_prompt_logprobs_dict``: all dense (prompt logprobs must be exact);
 - ``_dummy_sampler_run``: all greedy FlashHead, so warm-up and memory profiling exercise it.
 

@@ -27,6 +27,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
             TEST_MODEL_CACHE, arch=arch, vocab_size=32000, hidden=128, layers=2, seed=seed
         )
         # Clusters of 16 (not the default 4): 1/16 of the clusters must miss on random weights.
+        out[f"{arch}-base"] = base  # the plain model (read-only: a shared cache folder)
         converted = _models.convert(base, root / f"{arch}-converted", "--cluster-size", "16")
         # Random weights have no cluster structure, so the converter's automatic n_probes may
         # choose every cluster; the tests want real retrieval: 1/16 of the clusters.

@@ -1,8 +1,11 @@
-"""Speculative decoding (n-gram) on `vllm serve`: FlashHead serves the verification rows.
+"""Speculative decoding (n-gram, draft model) on `vllm serve`: FlashHead serves the verification
+rows, and the drafts of a draft model that is itself a FlashHead model.
 
-Four tiny-Llama servers in fp32 (exact comparisons): the dense reference without speculation, an
-all-clusters FlashHead model with speculation, and a one-sixteenth-of-the-clusters FlashHead
-model with and without speculation. On a release whose patchset does not map verification rows
+Six tiny-Llama servers in fp32 (exact comparisons): the dense reference without speculation, an
+all-clusters FlashHead model with n-gram speculation and with a FlashHead draft model (the
+one-sixteenth copy: its drafts are FlashHead's and sometimes rejected), and a
+one-sixteenth-of-the-clusters FlashHead model without speculation, with n-gram speculation and
+with the plain model as its draft (scored dense, which the log says once). On a release whose patchset does not map verification rows
 (support.spec_decode: dense) the model is served dense under speculation, and the log says so. Greedy acceptance is "draft == FlashHead's argmax", so
 speculation must change no greedy token; the sampled path is covered by the seeded repeats and
 by the argument in docs/DESIGN.md ("Speculative decoding").
@@ -35,6 +38,14 @@ PROMPTS = [
 ]
 N_TOKENS = 32
 SPEC_LINE = "FlashHead: speculative decoding verification rows of"
+DRAFT_LINE = "served by FlashHead (p="
+DRAFT_DENSE_LINE = "scored dense: the drafter's head is not a FlashHead model's"
+
+
+def _draft_model(path: Path) -> str:
+    return json.dumps({"method": "draft_model", "model": str(path), "num_speculative_tokens": 3})
+
+
 DENSE_LINE = "served dense: speculative decoding"
 
 
@@ -70,6 +81,17 @@ def spec_servers(tiny_models, e2e_logs):
         "one": VllmServer(sixteenth, e2e_logs / "spec-one-plain.log", args=FP32),
         "one-spec": VllmServer(
             sixteenth, e2e_logs / "spec-one.log", args=(*FP32, "--speculative-config", NGRAM)
+        ),
+        "all-draft": VllmServer(
+            all_clusters,
+            e2e_logs / "spec-all-draft.log",
+            env=NEVER_DENSE,
+            args=(*FP32, "--speculative-config", _draft_model(sixteenth)),
+        ),
+        "one-draft": VllmServer(
+            sixteenth,
+            e2e_logs / "spec-one-draft.log",
+            args=(*FP32, "--speculative-config", _draft_model(tiny_models["llama-base"])),
         ),
     }
     start_all(list(servers.values()))
@@ -116,8 +138,38 @@ def test_one_probe_with_speculation_equals_itself_without_and_differs_from_dense
     assert SPEC_LINE in spec_servers["one-spec"].log()
 
 
-def test_seeded_sampling_under_speculation_repeats(spec_servers):
-    server = spec_servers["one-spec"]
+def test_flashhead_draft_model_with_all_clusters_equals_dense_without(spec_servers):
+    server = spec_servers["all-draft"]
+    assert _one_at_a_time(server) == _one_at_a_time(spec_servers["dense"])
+    assert _accepted_drafts(server) > 0
+    log = server.log()
+    if SERVES_DRAFTS:
+        assert_flashhead_path_only(log)
+        assert SPEC_LINE in log, log[-3000:]
+        # The draft model is a FlashHead model: its own assets score its drafts.
+        draft = str(spec_servers["one"].model)
+        assert f"draft tokens of {draft} {DRAFT_LINE}" in log, log[-3000:]
+    else:
+        assert log.count(DENSE_LINE) == 1, log[-3000:]
+
+
+def test_one_probe_with_a_plain_draft_model_equals_itself_without(spec_servers):
+    server = spec_servers["one-draft"]
+    got = _one_at_a_time(server)
+    assert _accepted_drafts(server) > 0
+    if not SERVES_DRAFTS:
+        assert got == _one_at_a_time(spec_servers["dense"])
+        return
+    assert got == _one_at_a_time(spec_servers["one"])
+    assert got != _one_at_a_time(spec_servers["dense"])
+    log = server.log()
+    assert SPEC_LINE in log
+    assert log.count(DRAFT_DENSE_LINE) == 1, log[-3000:]  # the plain draft: dense, said once
+
+
+@pytest.mark.parametrize("name", ["one-spec", "one-draft"])
+def test_seeded_sampling_under_speculation_repeats(spec_servers, name):
+    server = spec_servers[name]
 
     def sample(prompt: str, **params) -> list[int]:
         body = {"max_tokens": N_TOKENS, "ignore_eos": True, **params}
@@ -130,8 +182,9 @@ def test_seeded_sampling_under_speculation_repeats(spec_servers):
     assert hot != greedy
 
 
-def test_mixed_requests_under_speculation_are_valid(spec_servers):
-    server = spec_servers["one-spec"]
+@pytest.mark.parametrize("name", ["one-spec", "one-draft"])
+def test_mixed_requests_under_speculation_are_valid(spec_servers, name):
+    server = spec_servers[name]
     vocab = json.loads((Path(server.model) / "config.json").read_text())["vocab_size"]
 
     def request(i: int) -> dict:
@@ -148,7 +201,7 @@ def test_mixed_requests_under_speculation_are_valid(spec_servers):
             params.update(temperature=0.7, top_p=0.9, stop=["\n"])
         return {"kind": kind, "choice": server.complete(prompt, **params)["choices"][0]}
 
-    results = run_concurrently([lambda i=i: request(i) for i in range(16)])
+    results = run_concurrently([lambda i=i: request(i) for i in range(32)])
     for r in results:
         ids = r["choice"]["token_ids"]
         assert ids and all(0 <= t < vocab for t in ids), r
