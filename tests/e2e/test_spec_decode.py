@@ -65,6 +65,16 @@ def _serves_drafts() -> bool:
 SERVES_DRAFTS = _serves_drafts()
 
 
+def _draft_model_seeds_repeat() -> bool:
+    """vLLM 0.27.1's draft-model proposer does not repeat seeded sampling even dense (measured
+    with FLASHHEAD_ENABLED=0: three runs of one seeded request, three different texts); 0.32.0
+    does. So the seeded repeat is a FlashHead check only where vLLM's own path repeats."""
+    from flashhead.compat.version import detect_vllm_version
+    from packaging.version import Version
+
+    return Version(detect_vllm_version().release_for_matching) >= Version("0.29")
+
+
 @pytest.fixture(scope="module")
 def spec_servers(tiny_models, e2e_logs):
     all_clusters, sixteenth = tiny_models["llama-fh-all"], tiny_models["llama-fh"]
@@ -169,6 +179,8 @@ def test_one_probe_with_a_plain_draft_model_equals_itself_without(spec_servers):
 
 @pytest.mark.parametrize("name", ["one-spec", "one-draft"])
 def test_seeded_sampling_under_speculation_repeats(spec_servers, name):
+    if name == "one-draft" and not _draft_model_seeds_repeat():
+        pytest.skip("vLLM < 0.29: seeded sampling under a draft model does not repeat even dense")
     server = spec_servers[name]
 
     def sample(prompt: str, **params) -> list[int]:
