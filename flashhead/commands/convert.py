@@ -49,11 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--probes",
         type=_probes,
         default=None,
-        help="n_probes written to config.json; 'auto' (default with --centroids fit): the "
-        "smallest p reaching --target-agreement on every calibration source (prose, code, chat "
-        "answers) when the centroids are fitted on the other sources only, the shift that text "
-        "unlike the calibration text brings; at most --max-share of the vocabulary; otherwise "
-        "clusters // 16",
+        help="n_probes written to config.json; 'auto' (default with --centroids fit): a 90%% "
+        "upper bound (bootstrap) on the smallest p reaching --target-agreement on every "
+        "calibration source (prose, code, chat answers) when the centroids are fitted on the "
+        "other sources only, the shift that text unlike the calibration text brings; at most "
+        "--max-share of the vocabulary; otherwise clusters // 16",
     )
     p.add_argument(
         "--centroids",

@@ -239,7 +239,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
                 found = ", ".join(f"{k} p >= {v}" for k, v in estimates.items())
                 _log(
                     f"n_probes {n_probes}: top-1 agreement {100 * opts.target_agreement:g}% on "
-                    f"each calibration source, centroids fitted without it, needs {found}"
+                    f"each calibration source, centroids fitted without it, needs (90% upper bound) {found}"
                     + (f"; x{opts.probe_margin:g}" if opts.probe_margin != 1.0 else "")
                     + (
                         f", capped at {100 * opts.max_share:g}% of the vocabulary" if capped else ""

@@ -27,7 +27,8 @@ PROMPTS = [
     "The best way to learn a new language is",
     "List three uses of copper:",
 ]
-# Of 20 held-out questions, asked one at a time; measured 20/20 at p=1040 (docs/convert.md).
+# Of 20 held-out questions, asked one at a time; measured 20/20 at p=1040 (docs/convert.md; the
+# default is now p=1228, which probes every cluster p=1040 did and more).
 ANSWER_FLOOR = 18
 LONG_PROMPT = " ".join(
     ["The history of the city goes back many centuries, and its people tell stories of it."] * 22
