@@ -2,7 +2,7 @@
 """Decode tokens/s under `vllm serve` on this machine: FlashHead vs dense (FLASHHEAD_ENABLED=0).
 
     python scripts/bench_e2e.py MODEL_DIR [--batch 1 8] [--tokens 128] [--repeats 3]
-                                [--compiled] [--json OUT.json]
+                                [--compiled] [--json OUT.json] [--speculative-config JSON]
 
 MODEL_DIR is a FlashHead model folder; the dense run serves the same folder with
 FLASHHEAD_ENABLED=0 (same weights, same process layout). The servers run one after the other.
@@ -11,6 +11,10 @@ Decode rate: each measurement sends B concurrent greedy requests (ignore_eos) tw
 short and a long max_tokens; rate = B * (long - short) / (t_long - t_short), which cancels
 prefill, HTTP and scheduling overhead. The median of --repeats is reported, with the load
 average at the start and end so that a busy machine shows in the figures.
+
+With --speculative-config (e.g. n-gram), both servers speculate, the prompts are ones whose
+continuations repeat their input (code, a repeated passage), the draft acceptance rate comes
+from each server's /metrics, and a third server measures dense without speculation.
 """
 
 from __future__ import annotations
@@ -38,12 +42,24 @@ PROMPTS = [
     "Describe the water cycle.",
     "Once upon a time,",
 ]
+# Continuations that repeat the input: n-gram drafts get accepted.
+REPEATING_PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef add(a, b):\n",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The",
+    "one, two, three, four, five, one, two, three, four, five, one, two,",
+    "Roses are red, violets are blue.\nRoses are red, violets are blue.\nRoses are",
+    "import os\nimport sys\nimport json\n\nimport os\nimport sys\n",
+    "<li>apple</li>\n<li>banana</li>\n<li>cherry</li>\n<li>apple</li>\n<li>",
+    "SELECT name FROM users WHERE id = 1;\nSELECT name FROM users WHERE id = 2;\nSELECT",
+    "A B C D E F G A B C D E F G A B C",
+]
 SHORT = 16
 AGREEMENT_TOKENS = 32
 
 
 def timed_batch(server: VllmServer, batch: int, max_tokens: int) -> float:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    pool = server.bench_prompts
+    prompts = [pool[i % len(pool)] for i in range(batch)]
     t0 = time.perf_counter()
     out = run_concurrently(
         [
@@ -72,8 +88,27 @@ def measure(server: VllmServer, batches: list[int], tokens: int, repeats: int) -
     return res
 
 
-def run_one(model: Path, label: str, env: dict, args, log_dir: Path) -> dict:
-    server = VllmServer(model, log_dir / f"bench-{label}.log", env=env)
+def spec_counts(server: VllmServer) -> dict:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+
+    def total(name: str) -> float:
+        found = re.findall(rf"^vllm:{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+        return sum(float(v) for v in found)
+
+    return {
+        "draft": total("spec_decode_num_draft_tokens_total"),
+        "accepted": total("spec_decode_num_accepted_tokens_total"),
+    }
+
+
+def run_one(model: Path, label: str, env: dict, args, log_dir: Path, spec: str | None) -> dict:
+    extra = ("--speculative-config", spec) if spec else ()
+    server = VllmServer(model, log_dir / f"bench-{label}.log", env=env, args=extra)
+    server.bench_prompts = REPEATING_PROMPTS if args.speculative_config else PROMPTS
     if args.compiled:
         server.args = [a for a in server.args if a != "--enforce-eager"]
     load0 = os.getloadavg()[0]
@@ -81,13 +116,15 @@ def run_one(model: Path, label: str, env: dict, args, log_dir: Path) -> dict:
     try:
         server.wait_ready()
         res = measure(server, args.batch, args.tokens, args.repeats)
-        greedy = server.greedy_ids(PROMPTS, AGREEMENT_TOKENS)
+        counts = spec_counts(server) if spec else None
+        greedy = server.greedy_ids(server.bench_prompts, AGREEMENT_TOKENS)
         if label == "flashhead" and "FlashHead: serving decode steps of" not in server.log():
             raise RuntimeError(f"FlashHead did not serve decode steps; see {server.log_path}")
     finally:
         server.stop()
     return {
         "results": res,
+        "spec": counts,
         "greedy": greedy,
         "loadavg_start": load0,
         "loadavg_end": os.getloadavg()[0],
@@ -112,6 +149,10 @@ def main() -> int:
     ap.add_argument("--compiled", action="store_true", help="torch.compile (default: eager)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    ap.add_argument(
+        "--speculative-config",
+        help="vLLM's --speculative-config JSON for both servers (plus a dense run without it)",
+    )
     args = ap.parse_args()
     cfg_file = args.model / "config.json"
     if not cfg_file.exists():
@@ -125,24 +166,47 @@ def main() -> int:
     if args.tokens <= SHORT:
         ap.error(f"--tokens must be > {SHORT}")
 
+    spec = args.speculative_config
+    if spec:
+        try:
+            json.loads(spec)
+        except ValueError as exc:
+            ap.error(f"--speculative-config: not JSON ({exc})")
+    dense_env = {"FLASHHEAD_ENABLED": "0"}
     runs = {
-        "flashhead": run_one(args.model, "flashhead", {}, args, args.log_dir),
-        "dense": run_one(args.model, "dense", {"FLASHHEAD_ENABLED": "0"}, args, args.log_dir),
+        "flashhead": run_one(args.model, "flashhead", {}, args, args.log_dir, spec),
+        "dense": run_one(args.model, "dense", dense_env, args, args.log_dir, spec),
     }
+    if spec:
+        runs["dense-no-spec"] = run_one(args.model, "dense-no-spec", dense_env, args,
+                                        args.log_dir, None)  # fmt: skip
     print(
         f"\nmodel {args.model} ({'compiled' if args.compiled else 'eager'}), "
         f"decode tokens/s (median of {args.repeats})"
     )
-    print(f"{'batch':>5} {'flashhead':>10} {'dense':>10} {'ratio':>7}")
+    if spec:
+        print(f"speculative config {spec} on both (dense-no-spec: without it)")
+    head = f"{'batch':>5} {'flashhead':>10} {'dense':>10} {'ratio':>7}"
+    print(head + (f" {'dense-no-spec':>14} {'fh/no-spec':>10}" if spec else ""))
     summary = {}
     for b in args.batch:
         fh = runs["flashhead"]["results"][b]["decode_tok_s"]
         dn = runs["dense"]["results"][b]["decode_tok_s"]
         summary[b] = {"flashhead": fh, "dense": dn, "ratio": fh / dn}
-        print(f"{b:>5} {fh:>10.1f} {dn:>10.1f} {fh / dn:>6.2f}x")
+        line = f"{b:>5} {fh:>10.1f} {dn:>10.1f} {fh / dn:>6.2f}x"
+        if spec:
+            ns = runs["dense-no-spec"]["results"][b]["decode_tok_s"]
+            summary[b].update(dense_no_spec=ns, ratio_vs_no_spec=fh / ns)
+            line += f" {ns:>14.1f} {fh / ns:>9.2f}x"
+        print(line)
+    for label, r in runs.items():
+        if r["spec"] and r["spec"]["draft"]:
+            rate = r["spec"]["accepted"] / r["spec"]["draft"]
+            print(f"draft acceptance, {label}: {rate:.1%} of {r['spec']['draft']:.0f} drafts")
     agree = agreement(runs["flashhead"]["greedy"], runs["dense"]["greedy"])
     print(
-        f"greedy agreement with dense over {len(PROMPTS)} prompts x {AGREEMENT_TOKENS} tokens: "
+        f"greedy agreement with dense over {len(runs['dense']['greedy'])} prompts x "
+        f"{AGREEMENT_TOKENS} tokens: "
         f"first token {agree['first_token']:.0%}, identical {agree['identical']:.0%}, "
         f"mean common prefix {agree['mean_common_prefix']:.1f}"
     )
