@@ -24,8 +24,10 @@ from flashhead.kernels.reference import probe_keys
 from flashhead.assets import load_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
 from flashhead.convert.fit import (
+    Calibration,
     _solve_normal,
     cluster_max_logits,
+    left_out_ranks,
     normal_equations,
     sample_calibration,
     whitening,
@@ -111,12 +113,8 @@ def main() -> None:
         mean = centroids_for(w, assignments, "mean")
         max_logits, top1 = cluster_max_logits(h, w, assignments)
         gram, htm = normal_equations(h, max_logits)
-        lofo = torch.empty(h.shape[0], dtype=torch.int64)
-        for s in src.unique():
-            rows = torch.nonzero(src == s).flatten()
-            ho = h[rows]
-            fitted = _solve_normal(gram - ho.T @ ho, htm - ho.T @ max_logits[rows], mean, 1e-2)
-            lofo[rows] = ranks_of(ho, fitted, assignments, top1[rows], specials)
+        lofo = left_out_ranks(Calibration(h, src), w, assignments, specials,
+                              targets=(max_logits, top1), normal=(gram, htm))  # fmt: skip
         full = _solve_normal(gram, htm, mean, 1e-2)
         held = {f: ranks_of(ev[f], full, assignments, tops[f], specials) for f in EVAL_FAMILIES}
         torch.save({"keep": keep, "source": src, "lofo": lofo, "held": held,

@@ -134,27 +134,21 @@ def _folds(source: torch.Tensor, k: int) -> torch.Tensor:
     return fold
 
 
-def cross_validated_probes(
+def left_out_ranks(
     cal: Calibration,
     weight: torch.Tensor,
     assignments: torch.Tensor,
     special_token_ids: list[int],
-    target: float,
     *,
     folds: int = 4,
     ridge: float = 1e-2,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     normal: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, int]:
-    """Per source with enough rows: a 90 % upper confidence bound (block bootstrap,
-    `probe_count.block_bootstrap`) on the smallest p whose top-1 agreement reaches `target` on
-    that source's rows when the centroids are fitted on the *other* sources only, scored as
-    served (int8 centroids). Leaving a whole source out is what text unlike the calibration text
-    does to the ranking; rows held out of their own source (k-fold) miss that shift and gave
-    about half the p that never-seen text needs (docs/convert.md). With a single source, its
-    rows are cut into `folds` blocks instead. `targets` as in `fit_centroids`."""
+) -> torch.Tensor:
+    """[N] rank of each calibration row's dense top-1 cluster under centroids fitted without
+    that row's source (or, with a single source, without its `folds` block), scored as served
+    (int8 centroids). `targets` and `normal` as in `fit_centroids`."""
     from flashhead.convert.clustering import centroids_for
-    from flashhead.convert.probe_count import block_bootstrap
     from flashhead.evaluation import cluster_ranks
     from flashhead.head import quantize_centroids
     from flashhead.kernels.reference import probe_keys
@@ -181,6 +175,34 @@ def cross_validated_probes(
             r = rows[start : start + _ROWS_PER_BLOCK]
             keys = probe_keys(h[r], cent_f, scale)
             ranks[r] = cluster_ranks(keys, assignments, top1[r, None], special_token_ids)[:, 0]
+    return ranks
+
+
+def cross_validated_probes(
+    cal: Calibration,
+    weight: torch.Tensor,
+    assignments: torch.Tensor,
+    special_token_ids: list[int],
+    target: float,
+    *,
+    folds: int = 4,
+    ridge: float = 1e-2,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normal: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Per source with enough rows: a 90 % upper confidence bound (block bootstrap,
+    `probe_count.block_bootstrap`) on the smallest p whose top-1 agreement reaches `target` on
+    that source's rows when the centroids are fitted on the *other* sources only, scored as
+    served (int8 centroids). Leaving a whole source out is what text unlike the calibration text
+    does to the ranking; rows held out of their own source (k-fold) miss that shift and gave
+    about half the p that never-seen text needs (docs/convert.md). With a single source, its
+    rows are cut into `folds` blocks instead. `targets` as in `fit_centroids`."""
+    from flashhead.convert.probe_count import block_bootstrap
+
+    ranks = left_out_ranks(
+        cal, weight, assignments, special_token_ids, folds=folds, ridge=ridge, targets=targets,
+        normal=normal,
+    )  # fmt: skip
     n_clusters = int(assignments.max()) + 1
     out = {}
     for i, name in enumerate(SOURCES):

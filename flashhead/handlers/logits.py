@@ -53,9 +53,6 @@ def log_once(key: str, level: int, msg: str, *args: Any) -> None:
     _logger().log(level, msg, *args)
 
 
-_log_once = log_once
-
-
 def flashhead_models_in_process() -> list[str]:
     """The FlashHead models served in this process (their paths, in construction order)."""
     return [state.model for state in _states]
@@ -72,7 +69,7 @@ def _log_dense_step(model: str, why: str) -> None:
     else:
         level = logging.INFO
     # One line per kind of reason: row counts differ from call to call.
-    _log_once(
+    log_once(
         "dense-step:" + re.sub(r"\d+", "N", why),
         level,
         "FlashHead: logits of %s served dense: %s",
@@ -216,7 +213,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
             try:
                 head = state.head_for(lm_head, self.org_vocab_size)
                 if head is None:
-                    _log_once(
+                    log_once(
                         f"dense:{id(state)}",
                         logging.WARNING,
                         "FlashHead: %s is served dense: %s",
@@ -235,7 +232,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     _candidate_transform(self.scale, self.soft_cap),
                 ).to(hidden_states.dtype)
             except Exception as exc:
-                _log_once(
+                log_once(
                     f"error:{type(exc).__name__}",
                     logging.ERROR,
                     "FlashHead: error in the logits path, this call is served dense: %r",
@@ -243,7 +240,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                 )
                 return stock(hidden_states)
             if plan.source.endswith("-draft"):
-                _log_once(
+                log_once(
                     f"draft:{id(state)}",
                     logging.INFO,
                     "FlashHead: draft tokens of %s served by FlashHead (p=%d probes)",
@@ -251,7 +248,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     int(getattr(head, "n_probes", -1)),
                 )
             elif not plan.source.endswith("dummy"):
-                _log_once(
+                log_once(
                     "serving",
                     logging.INFO,
                     "FlashHead: serving decode steps of %s (c=%d clusters, s=%d tokens/cluster, "
@@ -270,7 +267,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     if head.uses_dense(len(plan.flash_rows()), hidden_states.device)
                     else "flashhead"
                 )
-                _log_once(
+                log_once(
                     f"path:{path}",
                     logging.INFO,
                     "FlashHead: decode steps of %s served (path: %s)",
@@ -278,7 +275,7 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     path,
                 )
                 if plan.source.endswith("-spec"):
-                    _log_once(
+                    log_once(
                         "spec",
                         logging.INFO,
                         "FlashHead: speculative decoding verification rows of %s served "
