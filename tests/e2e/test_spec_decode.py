@@ -65,16 +65,6 @@ def _serves_drafts() -> bool:
 SERVES_DRAFTS = _serves_drafts()
 
 
-def _draft_model_seeds_repeat() -> bool:
-    """vLLM 0.27.1's draft-model proposer does not repeat seeded sampling even dense (measured
-    with FLASHHEAD_ENABLED=0: three runs of one seeded request, three different texts); 0.32.0
-    does. So the seeded repeat is a FlashHead check only where vLLM's own path repeats."""
-    from flashhead.compat.version import detect_vllm_version
-    from packaging.version import Version
-
-    return detect_vllm_version().release_for_matching >= Version("0.29")
-
-
 @pytest.fixture(scope="module")
 def spec_servers(tiny_models, e2e_logs):
     all_clusters, sixteenth = tiny_models["llama-fh-all"], tiny_models["llama-fh"]
@@ -177,13 +167,11 @@ def test_one_probe_with_a_plain_draft_model_equals_itself_without(spec_servers):
     assert log.count(DRAFT_DENSE_LINE) == 1, log[-3000:]  # the plain draft: dense, said once
 
 
-# The draft-model server only where vLLM's own seeded sampling repeats under a draft model.
-SEEDED_SERVERS = ["one-spec"] + (["one-draft"] if _draft_model_seeds_repeat() else [])
-
-
-@pytest.mark.parametrize("name", SEEDED_SERVERS)
-def test_seeded_sampling_under_speculation_repeats(spec_servers, name):
-    server = spec_servers[name]
+def test_seeded_sampling_under_speculation_repeats(spec_servers):
+    # n-gram only: under a draft model, seeded sampling did not repeat on vLLM 0.27.1 even dense
+    # (FLASHHEAD_ENABLED=0, three runs, three texts), and on 0.32.0 it repeated in one module run
+    # and not in the next; until that is explained it cannot tell FlashHead from vLLM.
+    server = spec_servers["one-spec"]
 
     def sample(prompt: str, **params) -> list[int]:
         body = {"max_tokens": N_TOKENS, "ignore_eos": True, **params}
