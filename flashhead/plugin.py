@@ -226,6 +226,19 @@ def _register_once() -> None:
             level = logging.ERROR if r.required else logging.WARNING
             logger.log(level, "flashhead: patch %s: %s: %s", r.patch_id, r.status, r.reason)
     logger.info("%s", act.log_line())
+    if act.flashhead_enabled:
+        _setup_metrics()
+
+
+def _setup_metrics() -> None:
+    """Give this server its /metrics channel (``flashhead.metrics``); a failure costs the
+    metrics, never the server."""
+    try:
+        from flashhead import metrics
+
+        metrics.setup_server_process()
+    except Exception as exc:
+        logger.warning("flashhead: /metrics counters unavailable: %r", exc)
 
 
 def _reset_for_tests() -> None:

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from flashhead.handlers.plan import RowKind, StepPlan, plan_for_rows
+from flashhead import metrics
+from flashhead.handlers.plan import NO_PLAN, DenseReason, RowKind, StepPlan, plan_for_rows
+from flashhead.handlers.shadow import ShadowCheck
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +89,21 @@ def flashhead_enabled() -> bool:
     return bool(flashhead_active())
 
 
+def served_model_name() -> str:
+    """The name vLLM's own metrics label the model being built with (``model_name``); "" when
+    vLLM has no current config (the caller falls back to the model path)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        model_config = get_current_vllm_config().model_config
+    except Exception:
+        return ""
+    name = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", "")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else getattr(model_config, "model", "")
+    return str(name)
+
+
 def model_identity() -> tuple[str, Mapping[str, Any]] | None:
     """(model path, FlashHead-relevant config dict) of the model vLLM is building, if any.
 
@@ -121,19 +138,41 @@ def resolve_model_dir(model: str) -> Path:
 class _FlashHeadState:
     """FlashHead bits of one logits processor (assets now, head on first use)."""
 
-    def __init__(self, model: str, model_dir: Path, assets: Any):
+    def __init__(
+        self,
+        model: str,
+        model_dir: Path,
+        assets: Any,
+        model_name: str = "",
+        shadow: ShadowCheck | None = None,
+    ):
         self.model = model
         self.model_dir = model_dir
         self.assets = assets
+        self.model_name = model_name or model  # the model_name label of /metrics
+        self.shadow = shadow
         self.head: Any = None
         self.weight_key: tuple[int, tuple[int, ...]] | None = None
-        self.dense_reason = ""
+        self.dense_reason = DenseReason("")
+
+    def count(self, path: str, reason: str, n: int) -> None:
+        metrics.counters().count_rows(self.model_name, path, reason, n)
+
+    def count_dense(self, plan: StepPlan | None, why: DenseReason, n_rows: int) -> None:
+        """Count a call's rows served dense: by each row's own reason where the plan has rows."""
+        if plan is not None and plan.num_rows == n_rows and not plan.all_dense_reason:
+            for decision in plan.decisions:
+                self.count("dense", decision.label if decision.reason else why.label, 1)
+        else:
+            self.count("dense", why.label, n_rows)
 
     def head_for(self, lm_head: Any, vocab_size: int) -> Any:
         """The FlashHead for this lm_head, or None (``dense_reason`` says why)."""
         weight = getattr(lm_head, "weight", None)
         if weight is None:
-            self.dense_reason = f"lm_head {type(lm_head).__name__} has no weight"
+            self.dense_reason = DenseReason(
+                f"lm_head {type(lm_head).__name__} has no weight", "head_unsupported"
+            )
             return None
         key = (weight.data_ptr(), tuple(weight.shape))
         if self.head is not None and key == self.weight_key:
@@ -149,24 +188,36 @@ class _FlashHeadState:
         return self.head
 
 
-def _dense_head_reason(lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any) -> str:
+def _dense_head_reason(
+    lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any
+) -> DenseReason:
     if int(getattr(lm_head, "tp_size", 1) or 1) > 1:
-        return "tensor parallel lm_head (TP > 1): FlashHead serves single-rank heads only"
+        return DenseReason(
+            "tensor parallel lm_head (TP > 1): FlashHead serves single-rank heads only",
+            "tensor_parallel",
+        )
     quant = getattr(lm_head, "quant_method", None)
     if quant is not None and type(quant).__name__ not in (
         "UnquantizedEmbeddingMethod",
         "UnquantizedLinearMethod",
     ):
-        return f"quantized lm_head ({type(quant).__name__}): FlashHead needs a dense weight"
+        return DenseReason(
+            f"quantized lm_head ({type(quant).__name__}): FlashHead needs a dense weight",
+            "quantized_head",
+        )
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        return f"lm_head weight is {tuple(weight.shape)} {weight.dtype}, not a float matrix"
+        return DenseReason(
+            f"lm_head weight is {tuple(weight.shape)} {weight.dtype}, not a float matrix",
+            "head_unsupported",
+        )
     n_assigned = int(assets.assignments.shape[0])
     if n_assigned != vocab_size or weight.shape[0] < vocab_size:
-        return (
+        return DenseReason(
             f"cluster assignments cover {n_assigned} tokens, the model's vocabulary is "
-            f"{vocab_size} (lm_head has {weight.shape[0]} rows)"
+            f"{vocab_size} (lm_head has {weight.shape[0]} rows)",
+            "head_unsupported",
         )
-    return ""
+    return DenseReason("")
 
 
 def _candidate_transform(scale: float, soft_cap: float | None) -> Callable | None:
@@ -205,10 +256,21 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
             state: _FlashHeadState = self._flashhead
             if self.logits_as_input or embedding_bias is not None or hidden_states.dim() != 2:
                 return stock(hidden_states)
-            plan, why = plan_for_rows(int(hidden_states.shape[0]))
+            n_rows = int(hidden_states.shape[0])
+            plan, why = plan_for_rows(n_rows)
+            # Decode rows of this model are counted; warm-up and drafter calls are not.
+            counted = why is not NO_PLAN and not (
+                plan is not None and plan.source.endswith(("-draft", "dummy"))
+            )
+            if state.shadow is not None and state.shadow.tripped:
+                if counted:
+                    state.count("dense", "guard", n_rows)
+                return stock(hidden_states)
             if plan is None or not plan.flash_rows():
                 if plan is None:
                     _log_dense_step(state.model, why)
+                if counted:
+                    state.count_dense(plan, why, n_rows)
                 return stock(hidden_states)
             try:
                 head = state.head_for(lm_head, self.org_vocab_size)
@@ -220,6 +282,8 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                         state.model,
                         state.dense_reason,
                     )
+                    if counted:
+                        state.count("dense", state.dense_reason.label, n_rows)
                     return stock(hidden_states)
                 # Same dtype as the stock head's output (bf16 for a bf16 model): candidate scores
                 # are rounded as the dense GEMM rounds them, so vLLM's argmax breaks bf16 ties the
@@ -238,7 +302,11 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     "FlashHead: error in the logits path, this call is served dense: %r",
                     exc,
                 )
+                if counted:
+                    state.count("dense", "error", n_rows)
                 return stock(hidden_states)
+            if counted:
+                _count_and_shadow(state, head, plan, hidden_states, logits, stock)
             if plan.source.endswith("-draft"):
                 log_once(
                     f"draft:{id(state)}",
@@ -334,9 +402,59 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     # Bad assets are bad input: fail the model load with the asset loader's message
     # (file, field, fix) rather than serve a FlashHead model without FlashHead.
     assets = load_assets(model_dir, config)
-    state = _FlashHeadState(model, model_dir, assets)
+    from flashhead.settings import settings
+
+    opts = settings()
+    for problem in opts.problems:
+        log_once(f"settings:{problem}", logging.ERROR, "FlashHead: %s", problem)
+    shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement) if opts.shadow > 0 else None
+    state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     _states.append(state)
     return state
+
+
+def _count_and_shadow(
+    state: _FlashHeadState,
+    head: Any,
+    plan: StepPlan,
+    hidden_states: torch.Tensor,
+    logits: torch.Tensor,
+    stock: Callable[[torch.Tensor], torch.Tensor | None],
+) -> None:
+    """Count a served call's rows by path; shadow-check a share of its greedy FlashHead rows
+    (never changing ``logits``); trip the guard when their agreement fell too low."""
+    flash_rows = plan.flash_rows()
+    by_dispatcher = head.uses_dense(len(flash_rows), hidden_states.device)
+    if by_dispatcher:
+        state.count("dense", "dispatcher", len(flash_rows))
+    else:
+        state.count("flashhead", "", len(flash_rows))
+    for i in plan.dense_rows():
+        state.count("dense", plan.decisions[i].label, 1)
+    shadow = state.shadow
+    if shadow is None or by_dispatcher:
+        return
+    greedy = [i for i in flash_rows if plan.decisions[i].kind is RowKind.GREEDY]
+    rows = shadow.pick(greedy)
+    if not rows:
+        return
+    try:
+        dense = stock(hidden_states[rows])
+        n, agree, contained = shadow.compare(logits[rows], dense.to(logits.dtype))
+    except Exception as exc:  # the check must never cost an answer
+        log_once("shadow-error", logging.ERROR, "FlashHead: shadow check failed: %r", exc)
+        return
+    metrics.counters().count_shadow(state.model_name, n, agree, contained)
+    reason = shadow.check_guard()
+    if reason:
+        metrics.counters().set_fallback(state.model_name, True)
+        log_once(
+            f"guard:{id(state)}",
+            logging.WARNING,
+            "FlashHead: %s is served dense from now on: %s",
+            state.model,
+            reason,
+        )
 
 
 def _plan_logits(

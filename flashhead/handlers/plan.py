@@ -30,24 +30,42 @@ class RowKind(enum.Enum):
     DENSE = "dense"  # exact stock logits for this row
 
 
+class DenseReason(str):
+    """Why rows are served dense: the sentence for the log, and ``label``, the short stable
+    name that ``/metrics`` counts rows under (``flashhead.metrics``)."""
+
+    label: str
+
+    def __new__(cls, text: str, label: str = "other") -> DenseReason:
+        self = super().__new__(cls, text)
+        self.label = label
+        return self
+
+
 @dataclass(frozen=True)
 class RowDecision:
     kind: RowKind
     temperature: float = 0.0
-    reason: str = ""  # why DENSE; empty otherwise
+    reason: str = ""  # why DENSE (a DenseReason); empty otherwise
+
+    @property
+    def label(self) -> str:
+        return getattr(self.reason, "label", "other")
 
 
 # Sampling features that need exact full-vocabulary logits, in the order they are checked.
 # Each: (attribute on SamplingParams, reason). A row with any of them set is served dense.
-_DENSE_FEATURES: tuple[tuple[str, str], ...] = (
-    ("logprobs", "logprobs requested"),
-    ("logit_bias", "logit_bias"),
-    ("allowed_token_ids", "allowed_token_ids"),
-    ("bad_words", "bad_words"),
-    ("structured_outputs", "structured output"),
-    ("guided_decoding", "structured output"),  # name before vLLM 0.11
-    ("logprob_token_ids", "logprobs of specific tokens requested"),
+_DENSE_FEATURES: tuple[tuple[str, DenseReason], ...] = (
+    ("logprobs", DenseReason("logprobs requested", "logprobs")),
+    ("logit_bias", DenseReason("logit_bias", "logit_bias")),
+    ("allowed_token_ids", DenseReason("allowed_token_ids", "allowed_token_ids")),
+    ("bad_words", DenseReason("bad_words", "bad_words")),
+    ("structured_outputs", DenseReason("structured output", "structured_output")),
+    # the name before vLLM 0.11
+    ("guided_decoding", DenseReason("structured output", "structured_output")),
+    ("logprob_token_ids", DenseReason("logprobs of specific tokens requested", "logprobs")),
 )
+NO_SAMPLING_PARAMS = DenseReason("no sampling params (pooling or unknown)", "no_sampling_params")
 
 
 def classify(sampling_params: Any) -> RowDecision:
@@ -56,7 +74,7 @@ def classify(sampling_params: Any) -> RowDecision:
     Duck-typed so that it works across vLLM releases and with test doubles.
     """
     if sampling_params is None:
-        return RowDecision(RowKind.DENSE, reason="no sampling params (pooling or unknown)")
+        return RowDecision(RowKind.DENSE, reason=NO_SAMPLING_PARAMS)
     for attr, reason in _DENSE_FEATURES:
         value = getattr(sampling_params, attr, None)
         if (
@@ -95,7 +113,11 @@ class StepPlan:
         return [i for i, d in enumerate(self.decisions) if d.kind is RowKind.DENSE]
 
 
-def dense_plan(reason: str, source: str = "") -> StepPlan:
+def dense_plan(reason: str, source: str = "", label: str | None = None) -> StepPlan:
+    """A plan serving the whole call dense; ``label`` defaults to ``reason``'s own (a
+    DenseReason) or "other"."""
+    if label is not None or not isinstance(reason, DenseReason):
+        reason = DenseReason(reason, label or "other")
     return StepPlan(decisions=(), source=source, all_dense_reason=reason)
 
 
@@ -140,7 +162,7 @@ class _LazyPlan:
             try:
                 self._plan = self._build()
             except Exception as exc:  # a plan we cannot build is a dense plan, never a guess
-                self._plan = dense_plan(f"plan builder failed: {exc!r}")
+                self._plan = dense_plan(f"plan builder failed: {exc!r}", label="plan_error")
         return self._plan
 
 
@@ -160,13 +182,22 @@ def current_plan() -> StepPlan | None:
     return None if lazy is None else lazy.get()
 
 
-def plan_for_rows(num_rows: int) -> tuple[StepPlan | None, str]:
-    """The plan for a logits call of ``num_rows`` rows, or (None, reason-for-dense)."""
+NO_PLAN = DenseReason("no step plan (caller is not a sampling step)", "no_plan")
+
+
+def plan_for_rows(num_rows: int) -> tuple[StepPlan | None, DenseReason]:
+    """The plan for a logits call of ``num_rows`` rows, or (None, reason-for-dense).
+
+    ``NO_PLAN`` means the call is not a decode step of a runner FlashHead wraps (a drafter's
+    head, warm-up code of vLLM's own): its rows are not counted as decode rows."""
     plan = current_plan()
     if plan is None:
-        return None, "no step plan (caller is not a sampling step)"
+        return None, NO_PLAN
     if plan.all_dense_reason:
-        return None, plan.all_dense_reason
+        why = plan.all_dense_reason
+        return None, why if isinstance(why, DenseReason) else DenseReason(why)
     if plan.num_rows != num_rows:
-        return None, f"plan has {plan.num_rows} rows, logits call has {num_rows}"
-    return plan, ""
+        return None, DenseReason(
+            f"plan has {plan.num_rows} rows, logits call has {num_rows}", "row_mismatch"
+        )
+    return plan, DenseReason("")

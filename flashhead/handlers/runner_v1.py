@@ -45,7 +45,7 @@ def build_plan(runner: Any, scheduler_output: Any = None, *, drafts: bool = Fals
     ``drafts`` under speculative decoding, one per draft token plus one."""
     speculative = getattr(runner, "speculative_config", None) is not None
     if speculative and not drafts:
-        return dense_plan(SPEC_DECODE_DENSE, source="v1")
+        return dense_plan(SPEC_DECODE_DENSE, source="v1", label="spec_decode")
     batch = runner.input_batch
     requests = runner.requests
     scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
@@ -85,7 +85,7 @@ def execute_model_with_drafts(wrapped, instance, args, kwargs):
 
 
 def prompt_logprobs(wrapped, instance, args, kwargs):
-    with plan_scope(dense_plan("prompt logprobs", source="v1")):
+    with plan_scope(dense_plan("prompt logprobs", source="v1", label="prompt_logprobs")):
         return wrapped(*args, **kwargs)
 
 

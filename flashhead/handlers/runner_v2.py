@@ -49,9 +49,11 @@ def sampler_add_request(wrapped, instance, args, kwargs):
 
 def build_plan(runner: Any, input_batch: Any) -> StepPlan:
     if int(getattr(input_batch, "num_draft_tokens", 0) or 0) > 0:
-        return dense_plan("speculative decoding", source="v2")
+        return dense_plan("speculative decoding", source="v2", label="spec_decode")
     if getattr(runner, "batch_sharder", None) is not None:
-        return dense_plan("batch-sharded sampling (tensor parallel)", source="v2")
+        return dense_plan(
+            "batch-sharded sampling (tensor parallel)", source="v2", label="tensor_parallel"
+        )
     table = getattr(runner.sampler, _TABLE_ATTR, None) or {}
     num_reqs = int(input_batch.num_reqs)
     slots = input_batch.idx_mapping_np[:num_reqs]

@@ -1,0 +1,236 @@
+"""FlashHead's Prometheus metrics: declared here, counted in the workers, shown on the API
+server's ``/metrics`` next to vLLM's own.
+
+The rows are counted where the logits are computed, in vLLM's engine or worker processes; the
+API server, another process, serves ``/metrics``. The channel between them:
+
+- ``setup_server_process()`` (called by the plugin's ``register()``) runs first in the process
+  that starts vLLM (``vllm serve``'s API server, or an offline ``LLM``). It creates a private
+  directory, exports it as ``FLASHHEAD_METRICS_DIR`` (the engine and worker processes it spawns
+  inherit it) and registers ``FlashHeadCollector`` with ``prometheus_client``'s default
+  registry, the one vLLM's ``/metrics`` serves. The directory is removed at exit.
+- Each counting process keeps its counters in memory and a daemon thread writes them, at most
+  every ``FLUSH_INTERVAL_S``, as one JSON file per process (``worker-<pid>.json``, replaced
+  atomically). A scrape sums the files.
+
+Two servers never share a directory (each creates its own), and nothing is written to a fixed
+path. vLLM's multiprocess Prometheus mode (``--api-server-count`` > 1) serves another registry:
+FlashHead's metrics are not shown there (the doctor says so when it finds none).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# Names as exposed (prometheus_client adds the _total suffix to counters).
+DECODE_ROWS = "flashhead_decode_rows"
+SHADOW_ROWS = "flashhead_shadow_rows"
+SHADOW_TOP1_AGREE = "flashhead_shadow_top1_agree"
+SHADOW_TOP5_CONTAINED = "flashhead_shadow_top5_contained"
+FALLBACK_ACTIVE = "flashhead_fallback_active"
+
+HELP = {
+    DECODE_ROWS: "Logits rows of FlashHead models, by path (flashhead or dense) and dense reason.",
+    SHADOW_ROWS: "FlashHead greedy rows also scored by the dense head (FLASHHEAD_SHADOW).",
+    SHADOW_TOP1_AGREE: "Shadow rows whose FlashHead top-1 equals the dense top-1.",
+    SHADOW_TOP5_CONTAINED: "Shadow rows whose dense top-1 is in FlashHead's top-5.",
+    FALLBACK_ACTIVE: "1 once the shadow guard serves the model dense (FLASHHEAD_SHADOW_MIN_AGREEMENT).",
+}
+SHADOW_COUNTERS = (SHADOW_ROWS, SHADOW_TOP1_AGREE, SHADOW_TOP5_CONTAINED)
+
+FLUSH_INTERVAL_S = 0.25
+_FILE_PREFIX = "worker-"
+
+
+class RowCounters:
+    """This process's counters. Thread-safe; cheap enough to call on every logits call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.rows: dict[tuple[str, str, str], int] = {}
+        self.shadow: dict[str, list[int]] = {}  # model -> [rows, top1 agree, top5 contained]
+        self.fallback: dict[str, int] = {}
+        self.version = 0  # bumped on every change, so the flusher writes only what changed
+
+    def count_rows(self, model: str, path: str, reason: str, n: int) -> None:
+        if n <= 0:
+            return
+        key = (model, path, reason if path == "dense" else "")
+        with self._lock:
+            self.rows[key] = self.rows.get(key, 0) + int(n)
+            self.version += 1
+
+    def count_shadow(self, model: str, rows: int, top1_agree: int, top5_contained: int) -> None:
+        with self._lock:
+            acc = self.shadow.setdefault(model, [0, 0, 0])
+            acc[0] += int(rows)
+            acc[1] += int(top1_agree)
+            acc[2] += int(top5_contained)
+            self.version += 1
+
+    def set_fallback(self, model: str, active: bool) -> None:
+        with self._lock:
+            self.fallback[model] = int(active)
+            self.version += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "rows": [[m, p, r, n] for (m, p, r), n in self.rows.items()],
+                "shadow": {m: list(v) for m, v in self.shadow.items()},
+                "fallback": dict(self.fallback),
+            }
+
+
+_counters = RowCounters()
+_flusher_lock = threading.Lock()
+_flusher: _Flusher | None = None
+_server_dir: str | None = None  # the directory this process created (the API server)
+
+
+def counters() -> RowCounters:
+    """This process's counters; starts the writer thread on first use where a directory is
+    set."""
+    _ensure_flusher()
+    return _counters
+
+
+def metrics_dir() -> str | None:
+    if _server_dir is not None:
+        return _server_dir
+    from flashhead.settings import settings
+
+    return settings().metrics_dir
+
+
+class _Flusher(threading.Thread):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(name="flashhead-metrics", daemon=True)
+        self.path = directory / f"{_FILE_PREFIX}{os.getpid()}.json"
+        self._written = -1
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL_S):
+            self.flush()
+
+    def flush(self) -> None:
+        version = _counters.version
+        if version == self._written or not self.path.parent.is_dir():
+            return
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(_counters.snapshot()))
+            os.replace(tmp, self.path)
+            self._written = version
+        except OSError:  # the server is shutting down and removed the directory
+            pass
+
+
+def _ensure_flusher() -> None:
+    global _flusher
+    if _flusher is not None:
+        return
+    directory = metrics_dir()
+    if not directory:
+        return
+    with _flusher_lock:
+        if _flusher is None:
+            _flusher = _Flusher(Path(directory))
+            _flusher.start()
+            atexit.register(_flusher.flush)
+
+
+def flush_now() -> None:
+    """Write this process's counters now (tests; the thread does it otherwise)."""
+    _ensure_flusher()
+    if _flusher is not None:
+        _flusher.flush()
+
+
+def read_directory(directory: str | os.PathLike) -> dict[str, Any]:
+    """The sum of every process's file in ``directory``: the same shape as a snapshot."""
+    rows: dict[tuple[str, str, str], int] = {}
+    shadow: dict[str, list[int]] = {}
+    fallback: dict[str, int] = {}
+    for path in sorted(Path(directory).glob(f"{_FILE_PREFIX}*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced or removed while we read: next scrape
+            continue
+        for model, p, reason, n in data.get("rows", ()):
+            rows[(model, p, reason)] = rows.get((model, p, reason), 0) + int(n)
+        for model, values in data.get("shadow", {}).items():
+            acc = shadow.setdefault(model, [0, 0, 0])
+            for i, v in enumerate(values[:3]):
+                acc[i] += int(v)
+        for model, active in data.get("fallback", {}).items():
+            fallback[model] = max(fallback.get(model, 0), int(active))
+    return {
+        "rows": [[m, p, r, n] for (m, p, r), n in sorted(rows.items())],
+        "shadow": shadow,
+        "fallback": fallback,
+    }
+
+
+class FlashHeadCollector:
+    """A ``prometheus_client`` collector over one metrics directory."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def describe(self) -> list:
+        return []  # no fixed series: they appear with the first FlashHead model's rows
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        data = read_directory(self.directory)
+        if not (data["rows"] or data["shadow"] or data["fallback"]):
+            return
+        rows = CounterMetricFamily(
+            DECODE_ROWS, HELP[DECODE_ROWS], labels=["model_name", "path", "reason"]
+        )
+        for model, path, reason, n in data["rows"]:
+            rows.add_metric([model, path, reason], n)
+        yield rows
+        for i, name in enumerate(SHADOW_COUNTERS):
+            family = CounterMetricFamily(name, HELP[name], labels=["model_name"])
+            for model, values in sorted(data["shadow"].items()):
+                family.add_metric([model], values[i])
+            yield family
+        gauge = GaugeMetricFamily(FALLBACK_ACTIVE, HELP[FALLBACK_ACTIVE], labels=["model_name"])
+        for model in sorted(set(data["fallback"]) | {m for m, *_ in data["rows"]}):
+            gauge.add_metric([model], data["fallback"].get(model, 0))
+        yield gauge
+
+
+def setup_server_process(registry: Any = None) -> str | None:
+    """In the first process of a server: create its metrics directory, export it to the
+    processes it starts, and show its metrics on ``registry`` (default: prometheus_client's).
+    A process that inherited a directory (an engine or worker process) does nothing. Returns
+    the directory, or None when this process is not the server's first."""
+    global _server_dir
+    from flashhead.settings import METRICS_DIR_ENV
+
+    if _server_dir is not None:
+        return _server_dir
+    inherited = os.environ.get(METRICS_DIR_ENV)
+    if inherited and Path(inherited).is_dir():
+        return None
+    directory = tempfile.mkdtemp(prefix="flashhead-metrics-")
+    os.environ[METRICS_DIR_ENV] = directory
+    _server_dir = directory
+    atexit.register(shutil.rmtree, directory, True)
+    if registry is None:
+        from prometheus_client import REGISTRY as registry
+    registry.register(FlashHeadCollector(directory))
+    return directory
