@@ -162,3 +162,44 @@ def test_guard_waits_for_its_minimum_rows():
     eye = torch.eye(8)
     check.compare(eye.roll(1, dims=1), eye)  # 8 misses, but only 8 rows
     assert check.check_guard() == ""
+
+
+def test_doctor_url_reports_a_server_and_names_an_unreachable_one(fresh_metrics, capsys):
+    import http.server
+    import json
+    import threading
+
+    from helpers.server import free_port
+
+    from flashhead.server_report import run_server_report
+
+    registry = CollectorRegistry()
+    metrics.setup_server_process(registry)
+    _worker("m", 90, dict(os.environ))  # 90 FlashHead rows, 3 logprobs rows, 10 shadow rows
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert run_server_report(url) == 0
+        text = capsys.readouterr().out
+        assert "decode rows: 93" in text and "dense:logprobs" in text
+        assert "top-1 agreement 90.00 % over 10 rows" in text
+        assert run_server_report(url, as_json=True) == 0
+        (model,) = json.loads(capsys.readouterr().out)["models"]
+        assert model["rows"] == {"flashhead": 90, "dense:logprobs": 3}
+        assert model["agreement"] == 0.9 and model["fallback_active"] is False
+    finally:
+        server.shutdown()
+    assert run_server_report(f"http://127.0.0.1:{free_port()}") == 1
+    assert "cannot read" in capsys.readouterr().out

@@ -33,6 +33,14 @@ def runs(tiny_models, tmp_path_factory):
             {"FLASHHEAD_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         )
     results["llama-default"] = run_offline(tiny_models["llama-fh"], out / "llama-default.json")
+    # The shadow guard at 1/16 of the clusters: 4 x 40 warm-up greedy rows, of which the guard
+    # judges the first 128 and falls back; everything after is dense.
+    results["llama-guard"] = run_offline(
+        tiny_models["llama-fh"],
+        out / "llama-guard.json",
+        {"FLASHHEAD_SHADOW": "1", "FLASHHEAD_SHADOW_MIN_AGREEMENT": "0.99"},
+        ["--warmup-tokens", "40"],
+    )
     return results
 
 
@@ -62,6 +70,20 @@ def test_default_probes_differ_from_all_clusters_somewhere(runs):
     # else the default-probe run would not be exercising FlashHead's retrieval at all.
     assert runs["llama-default"]["greedy"] != runs["llama-all"]["greedy"]
     assert SERVING_LINE in runs["llama-default"]["log"]
+
+
+def test_shadow_guard_falls_back_to_dense(runs):
+    guard, dense = runs["llama-guard"], runs["llama-dense"]
+    assert "served dense from now on: shadow guard" in guard["log"]
+    counters = guard["flashhead_metrics"]
+    assert set(counters["fallback"].values()) == {1}
+    rows = {(path, reason): n for _, path, reason, n in counters["rows"]}
+    assert rows[("dense", "guard")] > 0 and rows[("flashhead", "")] >= 128
+    shadow_rows, agree, _ = next(iter(counters["shadow"].values()))
+    assert agree / shadow_rows < 0.99
+    # After the fall back the model answers as dense, sampled requests included.
+    assert guard["greedy"] == dense["greedy"]
+    assert guard["seeded"] == dense["seeded"]
 
 
 def test_refuses_to_load_without_plugin(tiny_models, tmp_path):

@@ -3,17 +3,28 @@
 Servers are shared: a dense reference (FLASHHEAD_ENABLED=0 on the same FlashHead folder) for the
 module, a FlashHead server at the default probes for the first class, an all-clusters FlashHead
 server next to a second FlashHead model (a tiny Llama) for the second. At most three run at once.
+The second class's two servers run the shadow check on every greedy row (FLASHHEAD_SHADOW=1):
+their outputs must not change, and their /metrics must keep apart.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import pytest
-from helpers.server import VllmServer, common_prefix_lengths, run_concurrently, start_all
+from helpers.server import (
+    VllmServer,
+    common_prefix_lengths,
+    free_port,
+    run_concurrently,
+    start_all,
+)
 
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
+from flashhead.server_report import parse_reports
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 
@@ -284,13 +295,30 @@ class TestDefaultProbes:
         assert seeded_round() == first
 
 
+def _flashhead_metrics(server: VllmServer) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        return parse_reports(r.read().decode())
+
+
+def _rows(server: VllmServer, key: str) -> int:
+    return sum(r.rows.get(key, 0) for r in _flashhead_metrics(server).values())
+
+
 @pytest.fixture(scope="class")
 def two_servers(smollm2_fh, tiny_models, dense_server, e2e_logs, tmp_path_factory):
     all_probes = with_probes(smollm2_fh, tmp_path_factory.mktemp("m") / "smollm2-all", None)
+    shadow = {"FLASHHEAD_SHADOW": "1"}
     a = VllmServer(
-        all_probes, e2e_logs / "smollm2-all.log", served_name="smollm2-all", env=NEVER_DENSE
+        all_probes,
+        e2e_logs / "smollm2-all.log",
+        served_name="smollm2-all",
+        env={**NEVER_DENSE, **shadow},
     )
-    b = VllmServer(tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama")
+    b = VllmServer(
+        tiny_models["llama-fh"], e2e_logs / "tiny.log", served_name="tiny-llama", env=shadow
+    )
     start_all([a, b])
     dense_server.wait_ready()
     yield a, b, dense_server
@@ -320,3 +348,63 @@ class TestTwoServers:
         assert all(t < _vocab(tiny_models["llama-fh"]) for ids in tiny_ids for t in ids)
         assert f"{SERVING_LINE} {smol.model}" in smol.log()
         assert f"{SERVING_LINE} {tiny.model}" in tiny.log()
+
+    # FlashHead's counters on the two shadowed servers' /metrics (flashhead.metrics).
+    def test_rows_grow_with_requests_and_keep_apart(self, two_servers):
+        smol, tiny, _ = two_servers
+        smol.greedy_ids(PROMPTS[:1], 8)  # at least one step on each before the first reading
+        tiny.greedy_ids(PROMPTS[:1], 8)
+        before = _rows(smol, "flashhead")
+        smol.greedy_ids(PROMPTS[:2], 10)
+        # The workers write every 0.25 s: a scrape may trail the last step by that much.
+        for _ in range(40):
+            after = _rows(smol, "flashhead")
+            if after >= before + 20:
+                break
+            time.sleep(0.1)
+        assert after >= before + 20  # 2 requests x 10 tokens, each a FlashHead row
+        assert set(_flashhead_metrics(smol)) == {"smollm2-all"}  # vLLM's model_name label
+        assert set(_flashhead_metrics(tiny)) == {"tiny-llama"}
+
+    def test_logprobs_rows_are_counted_dense(self, two_servers):
+        smol, _, _ = two_servers
+        before = _rows(smol, "dense:logprobs")
+        smol.complete(PROMPTS[0], max_tokens=5, temperature=0.0, logprobs=2)
+        for _ in range(40):
+            if _rows(smol, "dense:logprobs") >= before + 5:
+                break
+            time.sleep(0.1)
+        assert _rows(smol, "dense:logprobs") == before + 5
+
+    def test_shadow_agreement_all_clusters_vs_one_sixteenth(self, two_servers):
+        smol, tiny, _ = two_servers
+        smol.greedy_ids(PROMPTS, 16)
+        tiny.greedy_ids(PROMPTS, 16)
+        time.sleep(0.6)
+        (all_clusters,) = _flashhead_metrics(smol).values()
+        (sixteenth,) = _flashhead_metrics(tiny).values()
+        assert all_clusters.shadow_rows >= 128 and sixteenth.shadow_rows >= 128
+        assert all_clusters.agreement >= 0.99  # bf16 ties may part a row or two
+        assert sixteenth.agreement < 0.99  # random weights: 1/16 of the clusters must miss
+        assert not all_clusters.fallback_active and not sixteenth.fallback_active
+
+    def test_doctor_url_reads_the_server_and_names_a_dead_one(self, two_servers):
+        smol, _, _ = two_servers
+        smol.greedy_ids(PROMPTS[:1], 4)
+        time.sleep(0.6)
+
+        def doctor(url):
+            return subprocess.run(
+                [smol.python, "-m", "flashhead.cli", "doctor", "--url", url, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        res = doctor(smol.url)
+        assert res.returncode == 0, res.stdout + res.stderr
+        (model,) = json.loads(res.stdout)["models"]
+        assert model["model_name"] == "smollm2-all" and model["rows"]["flashhead"] > 0
+        assert model["agreement"] >= 0.99
+        dead = doctor(f"http://127.0.0.1:{free_port()}")
+        assert dead.returncode == 1 and "cannot read" in json.loads(dead.stdout)["error"]
