@@ -213,19 +213,20 @@ class FlashHeadCollector:
         yield gauge
 
 
+SERVER_PROCESS_KINDS = ("api", "main")  # flashhead.compat.process kinds that root a server
+
+
 def setup_server_process(registry: Any = None) -> str | None:
-    """In the first process of a server: create its metrics directory, export it to the
-    processes it starts, and show its metrics on ``registry`` (default: prometheus_client's).
-    A process that inherited a directory (an engine or worker process) does nothing. Returns
-    the directory, or None when this process is not the server's first."""
+    """In the first process of a server (``vllm serve``'s API server, or a script's ``LLM``):
+    create its metrics directory, export it to the processes it starts, and show its metrics on
+    ``registry`` (default: prometheus_client's). Such a process always makes its own, even if
+    it inherited one (a server started from a process that had set one up, such as a test
+    runner, is a server of its own). Returns the directory."""
     global _server_dir
     from flashhead.settings import METRICS_DIR_ENV
 
     if _server_dir is not None:
         return _server_dir
-    inherited = os.environ.get(METRICS_DIR_ENV)
-    if inherited and Path(inherited).is_dir():
-        return None
     directory = tempfile.mkdtemp(prefix="flashhead-metrics-")
     os.environ[METRICS_DIR_ENV] = directory
     _server_dir = directory

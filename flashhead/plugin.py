@@ -82,6 +82,13 @@ class Activation:
             f"flashhead {self.flashhead_version}: vLLM {vllm}; process {self.process}; patchset {name}; "
             f"applied {c['applied']}, pending {c['pending']}, skipped {c['skipped']}, failed {c['failed']}"
         )
+        if self.patchset is not None and self.patchset.support:
+            # Which runners and features FlashHead serves here (the rest is dense, with a reason
+            # logged when it happens): the first thing to check when a server is slower than
+            # expected.
+            line += "; serves " + ", ".join(
+                f"{k}={v}" for k, v in sorted(dict(self.patchset.support).items())
+            )
         if self.note:
             line += f"; {self.note}"
         if self.error:
@@ -227,16 +234,17 @@ def _register_once() -> None:
             logger.log(level, "flashhead: patch %s: %s: %s", r.patch_id, r.status, r.reason)
     logger.info("%s", act.log_line())
     if act.flashhead_enabled:
-        _setup_metrics()
+        _setup_metrics(act.process.kind)
 
 
-def _setup_metrics() -> None:
-    """Give this server its /metrics channel (``flashhead.metrics``); a failure costs the
-    metrics, never the server."""
+def _setup_metrics(process_kind: str) -> None:
+    """Give a server's first process its /metrics channel (``flashhead.metrics``); engine and
+    worker processes inherit it. A failure costs the metrics, never the server."""
     try:
         from flashhead import metrics
 
-        metrics.setup_server_process()
+        if process_kind in metrics.SERVER_PROCESS_KINDS:
+            metrics.setup_server_process()
     except Exception as exc:
         logger.warning("flashhead: /metrics counters unavailable: %r", exc)
 

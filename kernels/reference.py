@@ -111,11 +111,15 @@ def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0
     ties at the threshold to the smallest cluster id, in ascending cluster order; then the
     always-probed special-token clusters (ids c, c+1, ...)."""
     n_rows, c = keys.shape
-    threshold = keys.topk(n_probes, dim=1).values[:, -1:]
-    above = keys > threshold
-    tied = keys == threshold
-    room = n_probes - above.sum(dim=1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+    threshold = keys.topk(n_probes, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    chosen = keys >= threshold
+    if bool((chosen.sum(dim=1) != n_probes).any()):
+        # Keys tied at the threshold for some row: keep the smallest cluster ids among them.
+        # (The common case skips this cumsum over every cluster: 4-6 ms at 8 rows x 65536.)
+        above = keys > threshold
+        tied = keys == threshold
+        room = n_probes - above.sum(dim=1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(dim=1) <= room))
     probes = chosen.nonzero()[:, 1].view(n_rows, n_probes)
     if n_special_clusters:
         extra = torch.arange(c, c + n_special_clusters, device=keys.device)

@@ -84,9 +84,22 @@ def test_two_servers_keep_their_counters_apart(fresh_metrics, monkeypatch):
     assert 'model_name="b"' in text_b and 'model_name="a"' not in text_b
 
 
-def test_a_process_with_an_inherited_directory_does_not_create_one(fresh_metrics, tmp_path):
+def test_a_server_started_below_another_makes_its_own_directory(fresh_metrics, tmp_path):
+    # A test runner (or any process) that set up metrics, then starts `vllm serve`: that server
+    # must not count into the runner's directory.
     os.environ[METRICS_DIR_ENV] = str(tmp_path)
-    assert metrics.setup_server_process(CollectorRegistry()) is None
+    directory = metrics.setup_server_process(CollectorRegistry())
+    assert directory != str(tmp_path) and os.environ[METRICS_DIR_ENV] == directory
+
+
+def test_only_a_server_s_first_process_sets_up_metrics(fresh_metrics, monkeypatch):
+    from flashhead import plugin
+
+    for kind, expected in (("engine", False), ("worker", False), ("api", True)):
+        monkeypatch.setattr(metrics, "_server_dir", None)
+        monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+        plugin._setup_metrics(kind)
+        assert (metrics._server_dir is not None) is expected, kind
 
 
 def test_no_series_before_any_flashhead_row(fresh_metrics):

@@ -196,3 +196,21 @@ def test_cpu_stage1_never_reuses_another_heads_centroids(make_assets):
             )
             torch.testing.assert_close(keys, want, rtol=1e-2, atol=2e-2)
         del head, i, weight, assets
+
+
+@pytest.mark.parametrize("case", ["distinct", "tie-at-threshold", "ties-everywhere"])
+def test_reference_select_probes_is_the_p_largest_ties_to_smallest_id(case):
+    from flashhead.kernels import reference
+
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(4, 500, generator=gen)
+    if case == "tie-at-threshold":
+        keys[:, 100:300] = keys[:, 100:101]
+    elif case == "ties-everywhere":
+        keys = torch.round(keys * 2) / 2
+    p = 60
+    got = reference.select_probes(keys, p, n_special_clusters=1)
+    for row in range(keys.shape[0]):
+        order = sorted(range(500), key=lambda i: (-float(keys[row, i]), i))
+        assert got[row, :p].tolist() == sorted(order[:p])
+    assert (got[:, p] == 500).all()
