@@ -144,9 +144,13 @@ def _ensure_flusher() -> None:
         return
     with _flusher_lock:
         if _flusher is None:
-            _flusher = _Flusher(Path(directory))
-            _flusher.start()
-            atexit.register(_flusher.flush)
+            flusher = _Flusher(Path(directory))
+            try:
+                flusher.start()
+            except RuntimeError:  # no thread for the writer: count, flush at exit only
+                pass
+            atexit.register(flusher.flush)
+            _flusher = flusher
 
 
 def flush_now() -> None:

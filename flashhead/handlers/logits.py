@@ -26,7 +26,7 @@ import torch
 
 from flashhead import metrics
 from flashhead.handlers.plan import NO_PLAN, DenseReason, RowKind, StepPlan, plan_for_rows
-from flashhead.handlers.shadow import ShadowCheck
+from flashhead.handlers.shadow import ShadowCheck, count_and_shadow
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +156,10 @@ class _FlashHeadState:
         self.dense_reason = DenseReason("")
 
     def count(self, path: str, reason: str, n: int) -> None:
-        metrics.counters().count_rows(self.model_name, path, reason, n)
+        try:
+            metrics.counters().count_rows(self.model_name, path, reason, n)
+        except Exception as exc:  # counting must never cost an answer
+            log_once("count-error", logging.ERROR, "FlashHead: counting failed: %r", exc)
 
     def count_dense(self, plan: StepPlan | None, why: DenseReason, n_rows: int) -> None:
         """Count a call's rows served dense: by each row's own reason where the plan has rows."""
@@ -306,7 +309,10 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     state.count("dense", "error", n_rows)
                 return stock(hidden_states)
             if counted:
-                _count_and_shadow(state, head, plan, hidden_states, logits, stock)
+                try:
+                    count_and_shadow(state, head, plan, hidden_states, logits, stock, log_once)
+                except Exception as exc:  # counting must never cost an answer
+                    log_once("count-error", logging.ERROR, "FlashHead: counting failed: %r", exc)
             if plan.source.endswith("-draft"):
                 log_once(
                     f"draft:{id(state)}",
@@ -411,50 +417,6 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     _states.append(state)
     return state
-
-
-def _count_and_shadow(
-    state: _FlashHeadState,
-    head: Any,
-    plan: StepPlan,
-    hidden_states: torch.Tensor,
-    logits: torch.Tensor,
-    stock: Callable[[torch.Tensor], torch.Tensor | None],
-) -> None:
-    """Count a served call's rows by path; shadow-check a share of its greedy FlashHead rows
-    (never changing ``logits``); trip the guard when their agreement fell too low."""
-    flash_rows = plan.flash_rows()
-    by_dispatcher = head.uses_dense(len(flash_rows), hidden_states.device)
-    if by_dispatcher:
-        state.count("dense", "dispatcher", len(flash_rows))
-    else:
-        state.count("flashhead", "", len(flash_rows))
-    for i in plan.dense_rows():
-        state.count("dense", plan.decisions[i].label, 1)
-    shadow = state.shadow
-    if shadow is None or by_dispatcher:
-        return
-    greedy = [i for i in flash_rows if plan.decisions[i].kind is RowKind.GREEDY]
-    rows = shadow.pick(greedy)
-    if not rows:
-        return
-    try:
-        dense = stock(hidden_states[rows])
-        n, agree, contained = shadow.compare(logits[rows], dense.to(logits.dtype))
-    except Exception as exc:  # the check must never cost an answer
-        log_once("shadow-error", logging.ERROR, "FlashHead: shadow check failed: %r", exc)
-        return
-    metrics.counters().count_shadow(state.model_name, n, agree, contained)
-    reason = shadow.check_guard()
-    if reason:
-        metrics.counters().set_fallback(state.model_name, True)
-        log_once(
-            f"guard:{id(state)}",
-            logging.WARNING,
-            "FlashHead: %s is served dense from now on: %s",
-            state.model,
-            reason,
-        )
 
 
 def _plan_logits(

@@ -15,11 +15,15 @@ dense from then on (the guard never switches back: its evidence was FlashHead's 
 from __future__ import annotations
 
 import collections
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from flashhead import metrics
+from flashhead.handlers.plan import RowKind, StepPlan
 from flashhead.settings import GUARD_MIN_ROWS, GUARD_WINDOW
 
 
@@ -78,3 +82,49 @@ class ShadowCheck:
                 f"{self.min_agreement:g}"
             )
         return self.tripped
+
+
+def count_and_shadow(
+    state: Any,
+    head: Any,
+    plan: StepPlan,
+    hidden_states: torch.Tensor,
+    logits: torch.Tensor,
+    stock: Callable[[torch.Tensor], torch.Tensor | None],
+    log_once: Callable[..., None],
+) -> None:
+    """For the logits processor (``state`` is its per-model state, ``log_once`` its logger):
+    count a served call's rows by path; shadow-check a share of its greedy FlashHead rows
+    (never changing ``logits``); trip the guard when their agreement fell too low."""
+    flash_rows = plan.flash_rows()
+    by_dispatcher = head.uses_dense(len(flash_rows), hidden_states.device)
+    if by_dispatcher:
+        state.count("dense", "dispatcher", len(flash_rows))
+    else:
+        state.count("flashhead", "", len(flash_rows))
+    for i in plan.dense_rows():
+        state.count("dense", plan.decisions[i].label, 1)
+    shadow = state.shadow
+    if shadow is None or by_dispatcher:
+        return
+    greedy = [i for i in flash_rows if plan.decisions[i].kind is RowKind.GREEDY]
+    rows = shadow.pick(greedy)
+    if not rows:
+        return
+    try:
+        dense = stock(hidden_states[rows])
+        n, agree, contained = shadow.compare(logits[rows], dense.to(logits.dtype))
+    except Exception as exc:  # the check must never cost an answer
+        log_once("shadow-error", logging.ERROR, "FlashHead: shadow check failed: %r", exc)
+        return
+    metrics.counters().count_shadow(state.model_name, n, agree, contained)
+    reason = shadow.check_guard()
+    if reason:
+        metrics.counters().set_fallback(state.model_name, True)
+        log_once(
+            f"guard:{id(state)}",
+            logging.WARNING,
+            "FlashHead: %s is served dense from now on: %s",
+            state.model,
+            reason,
+        )
