@@ -372,3 +372,52 @@ def test_a_plain_drafter_is_dense_and_said_once_when_flashhead_serves(model, mon
             assert torch.equal(_drafts(proposer, h), (h @ head.weight.T).argmax(dim=-1))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "draft tokens of draft-dir (draft_model) scored dense" in lines[0]
+
+
+def test_an_eagle_style_drafter_shares_the_target_head_only_on_its_weight(
+    model, monkeypatch, caplog
+):
+    # vLLM builds an EAGLE / MTP drafter under the target's config: its processor gets the
+    # target's assets. With the target's lm_head (shared) it drafts with the target's very
+    # FlashHead; with a head of its own (same shape, other weights) it is dense and says why.
+    model_dir, head = model
+    set_probes(model_dir, 1)
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    monkeypatch.setattr(logits_mod, "build_context", lambda: (1, True))  # one speculating config
+    target = make_logits_processor(FakeLogitsProcessor, None)(V)
+    shared = FakeProposer(
+        FakeDrafterModel(make_logits_processor(FakeLogitsProcessor, None)(V), head)
+    )
+    own_head = FakeHead(head.weight.detach().flip(0).clone())
+    own = FakeProposer(
+        FakeDrafterModel(make_logits_processor(FakeLogitsProcessor, None)(V), own_head)
+    )
+    h = 3 * torch.randn(4, D, generator=torch.Generator().manual_seed(8))
+    # Called before the target built its head: dense this once (no guess at whose weight it is).
+    assert torch.equal(_drafts(shared, h), (h @ head.weight.T).argmax(dim=-1))
+    with plan_scope(greedy_plan(4)):
+        served = target(head, h).argmax(dim=-1)
+    assert torch.equal(_drafts(shared, h), served)
+    assert shared.model.logits_processor._flashhead.primary is target._flashhead
+    assert shared.model.logits_processor._flashhead.head is None  # no second index built
+    with caplog.at_level(logging.WARNING, logger="flashhead.test"):
+        assert torch.equal(_drafts(own, h), (h @ own_head.weight.T).argmax(dim=-1))
+    assert any(
+        "does not share the first one's lm_head weight" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_second_model_build_without_speculation_gets_its_own_head(model, monkeypatch):
+    # Two LLM()s of one model in one process: the second is no drafter of the first.
+    model_dir, head = model
+    monkeypatch.setattr(logits_mod, "build_context", lambda: (1, False))
+    first = make_logits_processor(FakeLogitsProcessor, None)(V)
+    second = make_logits_processor(FakeLogitsProcessor, None)(V)
+    assert second._flashhead.primary is None
+    other = FakeHead(head.weight.detach().flip(0).clone())
+    h = torch.randn(2, D)
+    with plan_scope(greedy_plan(2)):
+        first(head, h)
+        assert torch.isinf(second(other, h)).any()  # served by FlashHead on its own weight
+    assert second._flashhead.head is not first._flashhead.head

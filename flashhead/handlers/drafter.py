@@ -2,11 +2,13 @@
 
 A drafter proposes tokens that the target model then verifies, so the head that scores the
 drafts can change how many are accepted, never the output. Where the drafter's own logits
-processor is a FlashHead one (the draft model is itself a FlashHead model: vLLM builds it under
-the draft's config, so it holds the draft's assets and checks them against the draft's
-``lm_head``), the greedy draft is FlashHead's argmax: an all-greedy step plan opens around the
-call. Every other drafter head (an EAGLE / MTP head, a plain draft model) is scored dense by
-vLLM, and that is said once per drafter when a FlashHead model is served in the process.
+processor is a FlashHead one, the greedy draft is FlashHead's argmax: an all-greedy step plan
+opens around the call. That is the case for a draft model that is itself a FlashHead model
+(vLLM builds it under the draft's config: the draft's assets, checked against the draft's
+``lm_head``), and for an EAGLE / MTP head (built under the target's config: the processor then
+serves only the target's own FlashHead on the target's very ``lm_head`` weight, see
+``logits._FlashHeadState._primary_head``). A plain draft model is scored dense by vLLM, and that
+is said once per drafter when a FlashHead model is served in the process.
 
 Wrapt wrapper ``(wrapped, instance, args, kwargs)``; it only reads proposer state.
 """

@@ -104,6 +104,19 @@ def served_model_name() -> str:
     return str(name)
 
 
+def build_context() -> tuple[int | None, bool]:
+    """(identity of the VllmConfig being built under, whether it speculates). A processor
+    built under the same speculating config as an earlier one of the same model is a drafter's
+    (EAGLE / MTP heads are built under the target's config)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        config = get_current_vllm_config()
+    except Exception:
+        return None, False
+    return id(config), getattr(config, "speculative_config", None) is not None
+
+
 def model_identity() -> tuple[str, Mapping[str, Any]] | None:
     """(model path, FlashHead-relevant config dict) of the model vLLM is building, if any.
 
@@ -151,6 +164,9 @@ class _FlashHeadState:
         self.assets = assets
         self.model_name = model_name or model  # the model_name label of /metrics
         self.shadow = shadow
+        # The first state of this model in the process (the target's), when this is a later one.
+        self.primary: _FlashHeadState | None = None
+        self.build_context: int | None = None
         self.head: Any = None
         self.weight_key: tuple[int, tuple[int, ...]] | None = None
         self.dense_reason = DenseReason("")
@@ -178,6 +194,8 @@ class _FlashHeadState:
             )
             return None
         key = (weight.data_ptr(), tuple(weight.shape))
+        if self.primary is not None:
+            return self._primary_head(key)
         if self.head is not None and key == self.weight_key:
             return self.head
         reason = _dense_head_reason(lm_head, weight, vocab_size, self.assets)
@@ -189,6 +207,28 @@ class _FlashHeadState:
         self.head = FlashHead.build(weight[:vocab_size], self.assets)
         self.weight_key = key
         return self.head
+
+    def _primary_head(self, key: tuple[int, tuple[int, ...]]) -> Any:
+        """A processor built under the same model's config after the first one (an EAGLE / MTP
+        drafter: vLLM builds it under the target's config) may use the target's FlashHead only
+        on the target's very weight (vLLM shares the ``lm_head`` when the draft has none or the
+        same one): the clusters were fitted to that weight and to no other."""
+        target = self.primary
+        if target.head is None:
+            self.dense_reason = DenseReason(
+                "a second head of this model was called before the first one was built",
+                "head_pending",
+            )
+            return None
+        if key != target.weight_key:
+            self.dense_reason = DenseReason(
+                f"a second head of this model (a drafter's, shape {list(key[1])}) does not "
+                "share the first one's lm_head weight, and FlashHead's clusters belong to that "
+                "weight only",
+                "head_mismatch",
+            )
+            return None
+        return target.head  # the target's own index: no second copy in memory
 
 
 def _dense_head_reason(
@@ -279,8 +319,10 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                 head = state.head_for(lm_head, self.org_vocab_size)
                 if head is None:
                     log_once(
-                        f"dense:{id(state)}",
-                        logging.WARNING,
+                        f"dense:{id(state)}:{state.dense_reason.label}",
+                        logging.DEBUG
+                        if state.dense_reason.label == "head_pending"
+                        else logging.WARNING,
                         "FlashHead: %s is served dense: %s",
                         state.model,
                         state.dense_reason,
@@ -415,6 +457,16 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
         log_once(f"settings:{problem}", logging.ERROR, "FlashHead: %s", problem)
     shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement) if opts.shadow > 0 else None
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
+    state.build_context, speculative = build_context()
+    if speculative:  # a drafter is built under the target's config, after the target
+        state.primary = next(
+            (
+                s
+                for s in _states
+                if s.model == model and s.primary is None and s.build_context == state.build_context
+            ),
+            None,
+        )
     _states.append(state)
     return state
 

@@ -73,3 +73,44 @@ def smollm2_flashhead() -> Path:
     gguf = Path(res.stdout.strip().splitlines()[-1])
     SMOLLM2_FH.parent.mkdir(parents=True, exist_ok=True)
     return convert(gguf, SMOLLM2_FH)
+
+
+def eagle_drafter(target: Path, out: Path, seed: int = 0) -> Path:
+    """A one-layer EAGLE-1 drafter for a Llama ``target``, random weights, in the layout vLLM's
+    ``EagleLlamaForCausalLM`` loads: ``layers.0.*`` without the input norm, ``fc`` [h, 2h], and
+    neither ``lm_head`` nor ``embed_tokens`` (vLLM then shares the target's). Its drafts are
+    mostly rejected; the tests need the path, not the acceptance."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = json.loads((target / "config.json").read_text())
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    )
+    config = LlamaConfig(
+        **{k: cfg[k] for k in keys if k in cfg}, num_hidden_layers=1, tie_word_embeddings=False
+    )
+    torch.manual_seed(seed)
+    layer = LlamaForCausalLM(config).model.layers[0]
+    tensors = {
+        f"layers.0.{name}": t.detach().contiguous()
+        for name, t in layer.state_dict().items()
+        if not name.startswith("input_layernorm")
+    }
+    h = config.hidden_size
+    tensors["fc.weight"] = torch.randn(h, 2 * h) * 0.02
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    written = config.to_dict()
+    written.update(architectures=["EagleLlamaForCausalLM"], model_type="llama")
+    (out / "config.json").write_text(json.dumps(written, indent=2))
+    return out

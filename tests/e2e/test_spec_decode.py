@@ -1,11 +1,13 @@
-"""Speculative decoding (n-gram, draft model) on `vllm serve`: FlashHead serves the verification
-rows, and the drafts of a draft model that is itself a FlashHead model.
+"""Speculative decoding (n-gram, draft model, EAGLE) on `vllm serve`: FlashHead serves the
+verification rows, the drafts of a draft model that is itself a FlashHead model, and the drafts
+of an EAGLE head that shares the target's lm_head.
 
-Six tiny-Llama servers in fp32 (exact comparisons): the dense reference without speculation, an
+Seven tiny-Llama servers in fp32 (exact comparisons): the dense reference without speculation, an
 all-clusters FlashHead model with n-gram speculation and with a FlashHead draft model (the
 one-sixteenth copy: its drafts are FlashHead's and sometimes rejected), and a
-one-sixteenth-of-the-clusters FlashHead model without speculation, with n-gram speculation and
-with the plain model as its draft (scored dense, which the log says once). On a release whose patchset does not map verification rows
+one-sixteenth-of-the-clusters FlashHead model without speculation, with n-gram speculation,
+with the plain model as its draft (scored dense, which the log says once) and with a one-layer
+EAGLE drafter built here (random weights; vLLM gives it the target's lm_head). On a release whose patchset does not map verification rows
 (support.spec_decode: dense) the model is served dense under speculation, and the log says so. Greedy acceptance is "draft == FlashHead's argmax", so
 speculation must change no greedy token; the sampled path is covered by the seeded repeats and
 by the argument in docs/DESIGN.md ("Speculative decoding").
@@ -22,6 +24,7 @@ import pytest
 from helpers.server import VllmServer, run_concurrently, start_all
 
 from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
+from e2e._models import eagle_drafter
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 
@@ -65,9 +68,14 @@ def _serves_drafts() -> bool:
 SERVES_DRAFTS = _serves_drafts()
 
 
+def _eagle(path: Path) -> str:
+    return json.dumps({"method": "eagle", "model": str(path), "num_speculative_tokens": 3})
+
+
 @pytest.fixture(scope="module")
-def spec_servers(tiny_models, e2e_logs):
+def spec_servers(tiny_models, e2e_logs, tmp_path_factory):
     all_clusters, sixteenth = tiny_models["llama-fh-all"], tiny_models["llama-fh"]
+    eagle = eagle_drafter(sixteenth, tmp_path_factory.mktemp("eagle") / "eagle")
     servers = {
         "dense": VllmServer(
             all_clusters, e2e_logs / "spec-dense.log", env={"FLASHHEAD_ENABLED": "0"}, args=FP32
@@ -92,6 +100,11 @@ def spec_servers(tiny_models, e2e_logs):
             sixteenth,
             e2e_logs / "spec-one-draft.log",
             args=(*FP32, "--speculative-config", _draft_model(tiny_models["llama-base"])),
+        ),
+        "one-eagle": VllmServer(
+            sixteenth,
+            e2e_logs / "spec-one-eagle.log",
+            args=(*FP32, "--speculative-config", _eagle(eagle)),
         ),
     }
     start_all(list(servers.values()))
@@ -165,6 +178,21 @@ def test_one_probe_with_a_plain_draft_model_equals_itself_without(spec_servers):
     log = server.log()
     assert SPEC_LINE in log
     assert log.count(DRAFT_DENSE_LINE) == 1, log[-3000:]  # the plain draft: dense, said once
+
+
+def test_one_probe_with_an_eagle_drafter_equals_itself_without(spec_servers):
+    server = spec_servers["one-eagle"]
+    got = _one_at_a_time(server)
+    if not SERVES_DRAFTS:
+        assert got == _one_at_a_time(spec_servers["dense"])
+        return
+    assert got == _one_at_a_time(spec_servers["one"])
+    log = server.log()
+    assert SPEC_LINE in log, log[-3000:]
+    # The drafter holds no lm_head: vLLM shares the target's, so its drafts are scored by the
+    # target's own FlashHead (the same index, checked against that very weight).
+    assert f"draft tokens of {server.model} {DRAFT_LINE}" in log, log[-3000:]
+    assert "does not share the first one's lm_head weight" not in log
 
 
 def test_seeded_sampling_under_speculation_repeats(spec_servers):
