@@ -140,20 +140,65 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     }
 
 
+def write_plot(summary: dict, path: Path, title: str) -> str:
+    """Tokens/s against batch size, FlashHead and dense (and dense without speculation), as a
+    PNG at ``path``; returns what was done (matplotlib is optional: without it, a note)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"plot skipped: matplotlib is not installed (pip install matplotlib), not {path}"
+    batches = sorted(int(b) for b in summary)
+    series = [("flashhead", "FlashHead"), ("dense", "dense"), ("dense_no_spec", "dense, no spec")]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for key, label in series:
+        if all(key in summary[b] for b in summary):
+            values = [summary[b if b in summary else str(b)][key] for b in batches]
+            ax.plot(batches, values, marker="o", label=label)
+    ax.set_xlabel("concurrent requests (batch)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plot written: {path}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compiled", action="store_true", help="torch.compile (default: eager)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="also write tokens/s vs batch as a PNG (matplotlib)")
+    ap.add_argument(
+        "--plot-from",
+        type=Path,
+        metavar="JSON",
+        help="only draw --plot from an earlier --json result (no servers)",
+    )
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     ap.add_argument(
         "--speculative-config",
         help="vLLM's --speculative-config JSON for both servers (plus a dense run without it)",
     )
     args = ap.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            ap.error("--plot-from needs --plot OUT.png")
+        saved = json.loads(args.plot_from.read_text())
+        print(write_plot(saved["summary"], args.plot, _title(saved["model"], saved.get("args"))))
+        return 0
+    if args.model is None:
+        ap.error("MODEL_DIR is required (a FlashHead model folder)")
     cfg_file = args.model / "config.json"
     if not cfg_file.exists():
         ap.error(
@@ -212,14 +257,30 @@ def main() -> int:
     )
     for label, r in runs.items():
         print(f"load average during {label}: {r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+    settings = {"compiled": args.compiled, "tokens": args.tokens, "speculative_config": spec}
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"model": str(args.model), "summary": summary, "agreement": agree, "runs": runs},
+                {
+                    "model": str(args.model),
+                    "args": settings,
+                    "summary": summary,
+                    "agreement": agree,
+                    "runs": runs,
+                },
                 indent=2,
             )
         )
+    if args.plot:
+        print(write_plot(summary, args.plot, _title(str(args.model), settings)))
     return 0
+
+
+def _title(model: str, settings: dict | None) -> str:
+    settings = settings or {}
+    mode = "compiled" if settings.get("compiled") else "eager"
+    spec = ", n-gram speculation" if settings.get("speculative_config") else ""
+    return f"{Path(model).name}: vllm serve on this CPU ({mode}{spec})"
 
 
 if __name__ == "__main__":
