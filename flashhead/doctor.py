@@ -147,6 +147,7 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
         "patches": records,
         "runner": _default_runner(act),
         "kernel_backend": _kernel_backend(),
+        "watching": _watching(),
     }
     if model_dir is not None:
         report["model"] = _check_model(model_dir)
@@ -157,6 +158,18 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
         ok = False
     report["ok"] = ok
     return report
+
+
+def _watching() -> dict[str, Any]:
+    """What a server started here would report on /metrics (flashhead.settings)."""
+    from flashhead.settings import parse
+
+    opts = parse(os.environ)  # this environment as it is now, not this process's cached view
+    return {
+        "shadow": opts.shadow,
+        "shadow_min_agreement": opts.shadow_min_agreement,
+        "problems": list(opts.problems),
+    }
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
@@ -208,6 +221,18 @@ def format_report(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"kernels:     {kb}")
+    w = report["watching"]
+    shadow = (
+        f"shadow check on {w['shadow']:g} of greedy rows"
+        + (f", guard below {w['shadow_min_agreement']:g}" if w["shadow_min_agreement"] else "")
+        if w["shadow"]
+        else "shadow check off (FLASHHEAD_SHADOW=0)"
+    )
+    lines.append(
+        f"metrics:     rows by path on the server's /metrics; {shadow}; "
+        "read a running server with `flashhead doctor --url URL`"
+    )
+    lines += [f"             settings problem: {p}" for p in w["problems"]]
     if "model" in report:
         m = report["model"]
         if m["valid"]:

@@ -206,3 +206,15 @@ def test_json_stays_clean_when_imports_write_to_stdout(env, capfd):
     report = json.loads(out)  # nothing but the report on stdout
     assert rc == 0 and {p["id"]: p["status"] for p in report["patches"]}["noisy"] == "applied"
     assert "noisy import on stdout" in err
+
+
+def test_watching_line_names_shadow_guard_and_bad_values(env, monkeypatch, capsys):
+    write_set(env, ARCHS)
+    monkeypatch.setenv("FLASHHEAD_SHADOW", "0.01")
+    monkeypatch.setenv("FLASHHEAD_SHADOW_MIN_AGREEMENT", "0.98")
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "shadow check on 0.01 of greedy rows, guard below 0.98" in out
+    monkeypatch.setenv("FLASHHEAD_SHADOW", "half")
+    report = build_report()["watching"]
+    assert report["shadow"] == 0.0 and "FLASHHEAD_SHADOW='half'" in report["problems"][0]
