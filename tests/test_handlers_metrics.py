@@ -31,7 +31,10 @@ def counted(monkeypatch):
     monkeypatch.setattr(metrics, "_counters", fresh)
     monkeypatch.setattr(metrics, "_flusher", None)
     monkeypatch.setattr(metrics, "_server_dir", None)
-    monkeypatch.delenv(settings.METRICS_DIR_ENV, raising=False)
+    # setenv first: monkeypatch then restores the variable (what setup_server_process writes
+    # into os.environ, too) as it was before the test, set or not.
+    monkeypatch.setenv(settings.METRICS_DIR_ENV, "unset-by-test")
+    monkeypatch.delenv(settings.METRICS_DIR_ENV)
     # This tiny head is cheaper dense at any batch: keep the dispatcher out of the way.
     monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "0")
     monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))

@@ -23,7 +23,10 @@ from flashhead.settings import METRICS_DIR_ENV, parse
 @pytest.fixture
 def fresh_metrics(monkeypatch):
     """A process state as if no server had set up metrics yet."""
-    monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+    # setenv first: monkeypatch then restores the variable (what setup_server_process writes
+    # into os.environ, too) as it was before the test, set or not.
+    monkeypatch.setenv(METRICS_DIR_ENV, "unset-by-test")
+    monkeypatch.delenv(METRICS_DIR_ENV)
     monkeypatch.setattr(metrics, "_server_dir", None)
     monkeypatch.setattr(metrics, "_flusher", None)
     monkeypatch.setattr(metrics, "_counters", metrics.RowCounters())
