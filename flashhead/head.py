@@ -17,7 +17,9 @@ import torch
 
 from flashhead.assets import FlashHeadAssets
 from flashhead.kernels import dispatch
+from flashhead.kernels.options import KernelOptions
 from flashhead.kernels.reference import ClusterIndex, candidate_ids
+from flashhead.settings import settings
 
 
 @dataclass
@@ -133,7 +135,12 @@ class FlashHead:
     """Two-stage LM head over a cluster-major copy of the head weight. See docs/DESIGN.md."""
 
     def __init__(
-        self, weight: torch.Tensor, index: ClusterIndex, assets: FlashHeadAssets, backend: str
+        self,
+        weight: torch.Tensor,
+        index: ClusterIndex,
+        assets: FlashHeadAssets,
+        backend: str | None = None,
+        options: KernelOptions | None = None,
     ):
         self.weight = weight  # the first V rows of the model's head (a view: no copy)
         self.index = index
@@ -142,18 +149,26 @@ class FlashHead:
         self.cluster_size = index.cluster_size
         self.n_probes = assets.n_probes
         self.special_token_ids = list(assets.special_token_ids)
-        self.requested_backend = backend
-        self.backend = dispatch.resolve_backend(backend, weight.device)
-        self._ops = dispatch.backend_ops(self.backend)
+        # The process's settings (FLASHHEAD_BACKEND, ...) unless the caller passes its own;
+        # an explicit `backend` (e.g. "reference" for tests) wins over options.backend.
+        self.options = options if options is not None else settings().kernel_options()
+        self.requested_backend = backend or self.options.backend
+        self.backend = dispatch.resolve_backend(backend, weight.device, self.options)
+        self._ops = dispatch.backend_ops(self.backend, self.options)
         self._buffers: dict = {}
 
     @classmethod
     def build(
-        cls, weight: torch.Tensor, assets: FlashHeadAssets, *, backend: str = "auto"
+        cls,
+        weight: torch.Tensor,
+        assets: FlashHeadAssets,
+        *,
+        backend: str | None = None,
+        options: KernelOptions | None = None,
     ) -> FlashHead:
         weight = weight.detach()
         index = build_index(weight, assets)
-        return cls(weight[: assets.vocab_size], index, assets, backend)
+        return cls(weight[: assets.vocab_size], index, assets, backend, options)
 
     @property
     def cluster_major_bytes(self) -> int:
@@ -178,7 +193,12 @@ class FlashHead:
     def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
         """True when the dispatcher serves this batch with the dense head (faster there)."""
         return dispatch.prefer_dense(
-            self.backend, device or self.weight.device, n_rows, self.candidate_rows, self.vocab_size
+            self.backend,
+            device or self.weight.device,
+            n_rows,
+            self.candidate_rows,
+            self.vocab_size,
+            self.options.dense_min_batch,
         )
 
     # -- the two stages -------------------------------------------------------------------

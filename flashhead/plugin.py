@@ -8,7 +8,6 @@ caller owns (``flashhead doctor`` uses it to tell the truth about what ``vllm se
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -29,11 +28,11 @@ from flashhead.registry import (
     patchset_dir,
     select_patchset,
 )
+from flashhead.settings import settings
 
 __all__ = ["Activation", "activate", "register"]
 
 logger = logging.getLogger("flashhead")
-LOG_LEVEL_ENV = "FLASHHEAD_LOG_LEVEL"
 
 _register_lock = threading.Lock()
 _registered = False
@@ -174,10 +173,7 @@ def _no_patchset_note(version: VersionInfo, loaded: LoadResult, pdir: Path) -> s
 
 def _ensure_log_handler() -> None:
     """Make INFO lines visible in vLLM's processes, which configure only the `vllm` logger."""
-    level_name = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
-    level = logging.getLevelName(level_name)
-    if isinstance(level, int):
-        logger.setLevel(level)
+    logger.setLevel(logging.getLevelName(settings().log_level))
     # A root handler set up by someone else only counts if it lets our level through: vLLM 0.16's
     # API server has one at ERROR, and the start-up line vanished there.
     wanted = logger.getEffectiveLevel()
@@ -228,6 +224,8 @@ def _register_once() -> None:
     runtime.install(engine, act, act.main_set)
     for problem in act.problems:
         logger.error("flashhead: patchset problem: %s", problem)
+    for problem in settings().problems:  # once per process, in every vLLM process
+        logger.error("flashhead: setting ignored: %s", problem)
     for r in act.records:
         if r.status in FAILED_STATUSES:
             level = logging.ERROR if r.required else logging.WARNING

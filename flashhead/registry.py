@@ -20,6 +20,7 @@ from packaging.specifiers import InvalidSpecifier, Specifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from flashhead.compat.process import PROCESS_KINDS  # the `process:` values name these kinds
+from flashhead.settings import PATCHSET_DIR_ENV, settings
 from flashhead.signatures import SignatureSyntaxError, parse_signature
 
 __all__ = [
@@ -75,8 +76,6 @@ TARGET_RE = re.compile(rf"^(?P<module>{_DOTTED}):(?P<qualname>{_DOTTED})$")
 DOTTED_RE = re.compile(rf"^{_DOTTED}$")
 ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 IDENT_RE = re.compile(rf"^{_IDENT}$")
-
-PATCHSET_DIR_ENV = "FLASHHEAD_PATCHSET_DIR"
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +200,7 @@ def default_patchset_dir() -> Path:
 
 def patchset_dir() -> Path:
     """``$FLASHHEAD_PATCHSET_DIR`` when set (tests, local overrides), else the shipped ones."""
-    override = os.environ.get(PATCHSET_DIR_ENV, "").strip()
+    override = settings().patchset_dir
     return Path(override).expanduser() if override else default_patchset_dir()
 
 

@@ -7,9 +7,10 @@ The plugin installs the engine and the activation here once per process; handler
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
+
+from flashhead.settings import ENABLED_ENV, settings
 
 if TYPE_CHECKING:
     from flashhead.engine import PatchEngine, PatchRecord
@@ -29,8 +30,6 @@ __all__ = [
     "revive",
 ]
 
-ENABLED_ENV = "FLASHHEAD_ENABLED"
-_FALSE = ("0", "false", "no", "off")
 
 _lock = threading.Lock()
 _engine: PatchEngine | None = None
@@ -41,8 +40,8 @@ _kill_reason = ""
 
 
 def env_enabled() -> bool:
-    """``FLASHHEAD_ENABLED`` is not 0/false/no/off (unset means enabled)."""
-    return os.environ.get(ENABLED_ENV, "1").strip().lower() not in _FALSE
+    """``FLASHHEAD_ENABLED`` is not false (unset means enabled; flashhead.settings)."""
+    return settings().enabled
 
 
 def install(engine_: PatchEngine, activation_: Any, main_set: str | None) -> None:

@@ -47,7 +47,9 @@ class ReleaseArchive:
 
 def cache_root() -> Path:
     """`$FLASHHEAD_CACHE` or `~/.cache/flashhead`."""
-    env = os.environ.get("FLASHHEAD_CACHE")
+    from flashhead.settings import settings
+
+    env = settings().cache_dir
     return Path(env).expanduser() if env else Path.home() / ".cache" / "flashhead"
 
 

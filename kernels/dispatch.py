@@ -1,24 +1,25 @@
-"""Backend choice for the FlashHead core: `FLASHHEAD_BACKEND=triton|torch|auto` (default auto).
+"""Backend choice for the FlashHead core: `KernelOptions.backend` = triton|torch|auto (default
+auto; `FLASHHEAD_BACKEND` in `flashhead.settings`).
 
 auto = Triton for CUDA tensors when Triton imports, torch otherwise. The torch backend on CPU
 hands large batches to the dense head (`F.linear`): per-row FlashHead scores K = (p + special
 clusters) * s rows per row, so once B * K >= 2 * V (B >= 63 at the Llama-3.2 shape) the dense
 GEMM, which reads the head once for all rows, is expected to win. On the GPU (Triton) both are
-bandwidth-bound: dense once B * K >= V (B >= 32 at that shape). `FLASHHEAD_DENSE_MIN_BATCH`
-overrides the rule with a fixed batch size (0 = never dense).
+bandwidth-bound: dense once B * K >= V (B >= 32 at that shape). `KernelOptions.dense_min_batch`
+(`FLASHHEAD_DENSE_MIN_BATCH`) overrides the rule with a fixed batch size (0 = never dense).
 `describe_backend()` reports all of this (the doctor shows it).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from flashhead.kernels.options import BACKENDS, DEFAULT_OPTIONS, KernelOptions
 
-BACKENDS = ("auto", "triton", "torch")
+# Named in messages only: flashhead.settings reads them.
 ENV_BACKEND = "FLASHHEAD_BACKEND"
 ENV_DENSE_MIN_BATCH = "FLASHHEAD_DENSE_MIN_BATCH"
 # The dense GEMM reads the head once for all rows but does B x V row-dots; FlashHead reads and
@@ -31,8 +32,8 @@ class BackendError(ValueError):
     pass
 
 
-def requested_backend(explicit: str | None = None) -> str:
-    value = explicit if explicit not in (None, "auto") else os.environ.get(ENV_BACKEND, "auto")
+def requested_backend(explicit: str | None = None, options: KernelOptions = DEFAULT_OPTIONS) -> str:
+    value = explicit if explicit not in (None, "auto") else options.backend
     value = (value or "auto").strip().lower()
     if value not in BACKENDS:
         raise BackendError(
@@ -52,15 +53,24 @@ def triton_status() -> tuple[bool, str]:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1), as Triton itself decides."""
+    if not triton_status()[0]:
+        return False
+    from flashhead.kernels.triton_mode import triton_interpreting
+
+    return triton_interpreting()
 
 
-def resolve_backend(explicit: str | None, device: torch.device | str | None) -> str:
+def resolve_backend(
+    explicit: str | None,
+    device: torch.device | str | None,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> str:
     """The backend that will run on `device`: 'triton' or 'torch'. Raises BackendError when
     triton is forced where it cannot run."""
     if explicit == "reference":  # exact fp32 torch math, for tests and comparisons only
         return "reference"
-    want = requested_backend(explicit)
+    want = requested_backend(explicit, options)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     ok, info = triton_status()
     triton_runs = ok and (dev.type == "cuda" or interpreting())
@@ -78,37 +88,23 @@ def resolve_backend(explicit: str | None, device: torch.device | str | None) -> 
     return "triton" if ok and dev.type == "cuda" else "torch"
 
 
-def dense_min_batch() -> int | None:
-    """The FLASHHEAD_DENSE_MIN_BATCH override (0 = never dense), or None for the rule."""
-    raw = os.environ.get(ENV_DENSE_MIN_BATCH)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BackendError(
-            f"{ENV_DENSE_MIN_BATCH}={raw!r}: expected an integer (0 = never dense)"
-        ) from exc
-    return value
-
-
 def prefer_dense(
     backend: str,
     device: torch.device | str,
     n_rows: int,
     candidate_rows: int | None = None,
     vocab: int | None = None,
+    dense_min_batch: int | None = None,
 ) -> bool:
     """True where the dense head beats FlashHead. Torch backend on CPU: when the rows FlashHead
     scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR heads (`vocab`
-    rows each), or past the FLASHHEAD_DENSE_MIN_BATCH override. Triton: when those rows
+    rows each), or from `dense_min_batch` rows on where that override is given (0 = never). Triton: when those rows
     reach one head (both are bandwidth-bound, and FlashHead reads at least as many bytes)."""
     on_cpu_torch = backend == "torch" and torch.device(device).type == "cpu"
     if backend != "triton" and not on_cpu_torch:
         return False
-    limit = dense_min_batch()
-    if limit is not None:
-        return limit > 0 and n_rows >= limit
+    if dense_min_batch is not None:
+        return dense_min_batch > 0 and n_rows >= dense_min_batch
     if candidate_rows is None or vocab is None:
         return False
     # GPU: bandwidth-bound, dense once FlashHead would read as many weight rows.
@@ -116,15 +112,16 @@ def prefer_dense(
     return n_rows * candidate_rows >= factor * vocab
 
 
-def backend_ops(backend: str) -> Any:
-    """Object with `probe_keys(...)` and `candidate_scores(...)` for the chosen backend."""
+def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
+    """Object with `probe_keys(...)`, `select_probes(...)` and `candidate_scores(...)` for the
+    chosen backend, with `options` bound."""
     if backend == "triton":
         from flashhead.kernels import triton_ops
 
         return SimpleNamespace(
-            probe_keys=triton_ops.probe_keys,
-            select_probes=triton_ops.select_probes,
-            candidate_scores=triton_ops.candidate_scores,
+            probe_keys=functools.partial(triton_ops.probe_keys, options=options),
+            select_probes=functools.partial(triton_ops.select_probes, options=options),
+            candidate_scores=functools.partial(triton_ops.candidate_scores, options=options),
         )
     from flashhead.kernels import reference
 
@@ -138,11 +135,15 @@ def backend_ops(backend: str) -> Any:
     return SimpleNamespace(
         probe_keys=functools.partial(reference.probe_keys, fast=True),
         select_probes=reference.select_probes,
-        candidate_scores=functools.partial(reference.candidate_scores, fast=True),
+        candidate_scores=functools.partial(
+            reference.candidate_scores, fast=True, compile=options.cpu_compile
+        ),
     )
 
 
-def describe_backend(device: torch.device | str | None = None) -> dict:
+def describe_backend(
+    device: torch.device | str | None = None, options: KernelOptions = DEFAULT_OPTIONS
+) -> dict:
     """What the dispatcher would pick on `device` (default: cuda if available, else cpu)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,8 +151,8 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
     ok, info = triton_status()
     report: dict = {"device": str(dev), "requested": None, "backend": None, "triton": info}
     try:
-        report["requested"] = requested_backend()
-        backend = resolve_backend(None, dev)
+        report["requested"] = requested_backend(None, options)
+        backend = resolve_backend(None, dev, options)
     except BackendError as exc:
         report["backend"] = None
         report["error"] = str(exc)
@@ -168,7 +169,7 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
     else:
         report["reason"] = "no CUDA device" if dev.type != "cuda" else f"Triton {info}"
     if backend == "triton" or dev.type == "cpu":
-        limit = dense_min_batch()
+        limit = options.dense_min_batch
         report["dense_min_batch"] = limit
         if limit is None:
             report["dense_fallback"] = (
@@ -184,7 +185,7 @@ def describe_backend(device: torch.device | str | None = None) -> dict:
         if backend == "torch":
             from flashhead.kernels.reference import cpu_compile_status
 
-            report["cpu_gather_dot"] = cpu_compile_status()
+            report["cpu_gather_dot"] = cpu_compile_status(options.cpu_compile)
     return report
 
 

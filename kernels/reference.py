@@ -22,7 +22,6 @@ gather per call page-faults and costs more than the head itself.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -169,17 +168,19 @@ def candidate_scores(
     want_tokens: bool = True,
     want_scores: bool = True,
     fast: bool = False,
+    compile: bool = True,
     buffers: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 2: (ids [B, K], scores [B, K] float32 with -inf on unused slots, tokens [B] | None).
 
     `probes` is [B, P] int64: sorted regular clusters then the special clusters. `want_scores`
     is accepted for symmetry with the Triton backend (the reference always returns them).
+    `compile` lets the CPU fast path use its torch.compile'd gather-dot.
     """
     del want_scores
     ids = candidate_ids(index, probes)
     if fast and h.device.type == "cpu":
-        scores = _scores_rowwise(h, index, probes, buffers if buffers is not None else {})
+        scores = _scores_rowwise(h, index, probes, buffers if buffers is not None else {}, compile)
     else:
         s, d = index.cluster_size, index.hidden_size
         rows = index.wc.view(-1, s, d)[probes].reshape(h.shape[0], -1, d).float()
@@ -190,11 +191,11 @@ def candidate_scores(
 
 
 def _scores_rowwise(
-    h: torch.Tensor, index: ClusterIndex, probes: torch.Tensor, buffers: dict
+    h: torch.Tensor, index: ClusterIndex, probes: torch.Tensor, buffers: dict, compile: bool
 ) -> torch.Tensor:
     """Per-row scores on CPU. Preferred: a torch.compile'd gather-dot that reads each probed
     tile once, straight from the cluster-major copy (no gather copy; fp32 products like the
-    reference). Fallback (no compiler, or FLASHHEAD_CPU_COMPILE=0): gather into one persistent
+    reference). Fallback (no compiler, or `compile` off): gather into one persistent
     buffer + GEMV per row, which beats a batched gather + bmm (that gather alone is B x 17 MB at
     the Llama-3.2 shape, and a fresh buffer page-faults on every call)."""
     s, d = index.cluster_size, index.hidden_size
@@ -203,7 +204,7 @@ def _scores_rowwise(
     wc3 = index.wc.view(-1, s, d)
     scores = torch.empty(n_rows, k, dtype=torch.float32)
     # Compiling costs seconds; it only pays for heads where the per-row gather is large.
-    fused = _compiled_gather_dot() if k * d >= COMPILE_MIN_ELEMENTS else None
+    fused = _compiled_gather_dot() if compile and k * d >= COMPILE_MIN_ELEMENTS else None
     if fused is not None:
         try:
             for b in range(n_rows):
@@ -236,22 +237,15 @@ _COMPILE_STATE: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 20  # K * d per row (SmolLM2-135M: 3072 * 576 = 1.8M)
 
 
-def _compile_enabled() -> bool:
-    """FLASHHEAD_CPU_COMPILE is not 0/false/empty (unset means enabled)."""
-    return os.environ.get("FLASHHEAD_CPU_COMPILE", "1") not in ("0", "", "false")
-
-
 def _compiled_gather_dot():
     if "fn" in _COMPILE_STATE:
         return _COMPILE_STATE["fn"]
-    fn = None
-    if _compile_enabled():
-        try:
-            # Static shapes: one kernel per (P, s, d, dtype), compiled on first use (~15 s).
-            fn = torch.compile(_gather_dot, dynamic=False, fullgraph=True)
-        except Exception as exc:
-            _disable_compile(exc)
-            return None
+    try:
+        # Static shapes: one kernel per (P, s, d, dtype), compiled on first use (~15 s).
+        fn = torch.compile(_gather_dot, dynamic=False, fullgraph=True)
+    except Exception as exc:
+        _disable_compile(exc)
+        return None
     _COMPILE_STATE["fn"] = fn
     return fn
 
@@ -266,10 +260,10 @@ def _disable_compile(exc: BaseException) -> None:
     )
 
 
-def cpu_compile_status() -> str:
-    """'enabled', 'disabled' (FLASHHEAD_CPU_COMPILE=0) or 'failed: <error>'."""
+def cpu_compile_status(enabled: bool = True) -> str:
+    """'enabled', 'disabled' (`enabled` False: FLASHHEAD_CPU_COMPILE=0) or 'failed: <error>'."""
     if "error" in _COMPILE_STATE:
         return f"failed: {_COMPILE_STATE['error']}"
-    if not _compile_enabled():
+    if not enabled:
         return "disabled"
     return "enabled"

@@ -23,18 +23,18 @@ there), small ones on the GPU (enough programs to fill the SMs at B=1).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from flashhead.kernels.options import DEFAULT_OPTIONS, SELECT_METHODS, KernelOptions
 from flashhead.kernels.reference import ClusterIndex, candidate_ids
+from flashhead.kernels.triton_mode import triton_interpreting
 
 MIN_DOT_K = 16  # NVIDIA tl.dot needs K >= 16 (the interpreter accepts less: check it here)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return triton_interpreting()
 
 
 def _pow2(n: int) -> int:
@@ -154,20 +154,6 @@ def _candidates_kernel(
             tl.atomic_xchg(count_ptr + b, 0)
 
 
-def _env_blocks(name: str, count: int) -> tuple[int, ...] | None:
-    """Block-size override for tuning runs, e.g. FLASHHEAD_TRITON_S1=16,32,128,4."""
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    try:
-        values = tuple(int(x) for x in raw.split(","))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected {count} comma-separated integers") from None
-    if len(values) != count:
-        raise ValueError(f"{name}={raw!r}: expected {count} comma-separated integers")
-    return values
-
-
 @triton.jit
 def _ordered_keys(keys_ptr, b, stride_k, C, BLOCK: tl.constexpr):
     """Row b's keys as int32 ordered like the floats; padding below every real key (only a NaN
@@ -253,23 +239,18 @@ def _select_radix_kernel(
 
 
 MAX_SELECT_CLUSTERS = 1 << 16  # keys per row held in one program's registers
-SELECT_METHODS = ("bisect", "radix")
-
-
-def select_method() -> str:
-    """FLASHHEAD_TRITON_SELECT: bisect (default, the method timed on a GPU) or radix."""
-    method = os.environ.get("FLASHHEAD_TRITON_SELECT", "bisect").strip().lower() or "bisect"
-    if method not in SELECT_METHODS:
-        raise ValueError(
-            f"FLASHHEAD_TRITON_SELECT={method!r}: expected one of {', '.join(SELECT_METHODS)}"
-        )
-    return method
 
 
 def select_probes(
-    keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0, method: str | None = None
+    keys: torch.Tensor,
+    n_probes: int,
+    n_special_clusters: int = 0,
+    method: str | None = None,
+    *,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
-    """Top-p clusters per row; semantics of `reference.select_probes`."""
+    """Top-p clusters per row; semantics of `reference.select_probes`. `method` (bisect or
+    radix) overrides `options.triton_select`."""
     _check_device(keys)
     n_rows, c = keys.shape
     block = max(16, _pow2(c))
@@ -280,10 +261,12 @@ def select_probes(
     keys = keys.contiguous()
     out = torch.empty(n_rows, n_probes + n_special_clusters, dtype=torch.int64, device=keys.device)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    override = None if _interpreting() else _env_blocks("FLASHHEAD_TRITON_SEL", 1)
-    if override:
-        warps = override[0]
-    kernel = _select_radix_kernel if (method or select_method()) == "radix" else _select_kernel
+    if options.triton_select_warps and not _interpreting():
+        warps = options.triton_select_warps
+    method = method or options.triton_select
+    if method not in SELECT_METHODS:
+        raise ValueError(f"select method {method!r}: expected one of {', '.join(SELECT_METHODS)}")
+    kernel = _select_radix_kernel if method == "radix" else _select_kernel
     kernel[(n_rows,)](
         keys, out, c, n_probes, n_special_clusters, keys.stride(0), out.stride(0),
         BLOCK=block, BLOCK_S=max(16, _pow2(n_special_clusters)), num_warps=warps,
@@ -291,7 +274,9 @@ def select_probes(
     return out
 
 
-def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int, int, int]:
+def _probe_blocks(
+    n_rows: int, c: int, d: int, options: KernelOptions = DEFAULT_OPTIONS
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages) for stage 1."""
     if _interpreting():
         return (
@@ -301,9 +286,8 @@ def _probe_blocks(n_rows: int, c: int, d: int) -> tuple[int, int, int, int, int]
             4,
             1,
         )
-    override = _env_blocks("FLASHHEAD_TRITON_S1", 5)
-    if override:
-        return override  # type: ignore[return-value]
+    if options.triton_stage1_blocks:
+        return options.triton_stage1_blocks
     # Small C blocks: c=8016 gives 251 programs to cover 132 SMs at B=1 (H200 sweep: 12.6 us).
     return (16 if n_rows <= 16 else 32), 32, 256, 4, 4
 
@@ -322,12 +306,13 @@ def probe_keys(
     noise: torch.Tensor | None = None,
     *,
     buffers: dict | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Stage 1 keys [B, c] float32; semantics of `reference.probe_keys` (`buffers` unused)."""
     _check_device(h, cent_q)
     n_rows, d = h.shape
     c = cent_q.shape[0]
-    block_b, block_c, block_d, warps, stages = _probe_blocks(n_rows, c, d)
+    block_b, block_c, block_d, warps, stages = _probe_blocks(n_rows, c, d, options)
     assert block_d >= MIN_DOT_K and block_b >= 16 and block_c >= 16, "tl.dot needs K, M, N >= 16"
     h = h.contiguous()
     out = torch.empty(n_rows, c, dtype=torch.float32, device=h.device)
@@ -358,13 +343,14 @@ def _row_state(
     return state
 
 
-def _candidate_blocks(n_probes: int, sp: int, d: int) -> tuple[int, int, int, int]:
+def _candidate_blocks(
+    n_probes: int, sp: int, d: int, options: KernelOptions = DEFAULT_OPTIONS
+) -> tuple[int, int, int, int]:
     """(rows per program, BLOCK_D, num_warps, num_stages) for stage 2."""
     if _interpreting():
         return _pow2(n_probes) * sp, min(max(16, _pow2(d)), 512), 4, 1
-    override = _env_blocks("FLASHHEAD_TRITON_S2", 4)
-    if override:
-        return override  # type: ignore[return-value]
+    if options.triton_stage2_blocks:
+        return options.triton_stage2_blocks
     # 4 rows per program (1024 programs at B=1, p=256, s=16), H200 sweep: 15.2 us B=1, 48.6 us B=8.
     return 4, min(1024, max(16, _pow2(d))), 4, 2
 
@@ -379,6 +365,7 @@ def candidate_scores(
     want_tokens: bool = True,
     want_scores: bool = True,
     buffers: dict | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Stage 2 (ids, scores, tokens); semantics of `reference.candidate_scores`.
 
@@ -389,7 +376,7 @@ def candidate_scores(
     s = index.cluster_size
     sp = _pow2(s)
     k = n_probe * s
-    rows, block_d, warps, stages = _candidate_blocks(n_probe, sp, d)
+    rows, block_d, warps, stages = _candidate_blocks(n_probe, sp, d, options)
     h = h.contiguous()
     probes = probes.contiguous()
     device = h.device

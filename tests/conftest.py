@@ -20,6 +20,17 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """flashhead.settings parses FLASHHEAD_* once per process; a test that sets variables
+    (monkeypatch.setenv) sees them parsed anew, and leaves no parsed view behind."""
+    from flashhead import settings
+
+    settings.reset_for_tests()
+    yield
+    settings.reset_for_tests()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

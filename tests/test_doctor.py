@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flashhead import cli
+from flashhead import cli, settings
 from flashhead.doctor import build_report, format_report
 
 ARCHS = """\
@@ -216,5 +216,6 @@ def test_watching_line_names_shadow_guard_and_bad_values(env, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "shadow check on 0.01 of greedy rows, guard below 0.98" in out
     monkeypatch.setenv("FLASHHEAD_SHADOW", "half")
+    settings.reset_for_tests()  # settings are parsed once per process: a new process, here
     report = build_report()["watching"]
     assert report["shadow"] == 0.0 and "FLASHHEAD_SHADOW='half'" in report["problems"][0]

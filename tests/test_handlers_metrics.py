@@ -156,13 +156,12 @@ def test_guard_falls_back_and_then_serves_dense(model, counted, caplog):
     assert rows(counters)[("flashhead", "")] == 2 * 64
 
 
-def test_a_bad_shadow_value_is_logged_and_ignored(model, counted, caplog):
+def test_a_bad_shadow_value_is_ignored(model, counted):
+    """(The plugin logs the problem once per process: tests/test_plugin.py.)"""
     _, head = model
     counters, env = counted
     env(FLASHHEAD_SHADOW="often")
-    with caplog.at_level(logging.ERROR, logger="flashhead.test"):
-        proc = make_logits_processor(FakeLogitsProcessor, None)(V)
-    assert any("FLASHHEAD_SHADOW='often'" in r.message for r in caplog.records)
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
     with plan_scope(greedy_plan(2)):
         proc(head, torch.randn(2, D))
     assert counters.shadow == {} and rows(counters) == {("flashhead", ""): 2}

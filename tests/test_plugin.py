@@ -11,7 +11,7 @@ import logging
 import pytest
 from flashhead.compat.process import ProcessInfo
 
-from flashhead import plugin, runtime
+from flashhead import plugin, runtime, settings
 from flashhead.engine import PatchEngine
 from flashhead.handlers import observe
 from flashhead.registry import PatchSpec
@@ -134,6 +134,24 @@ def test_enabled_0_still_registers_architectures(env, monkeypatch):
     assert core.add(1) == 2 and observe.logits_call_count() == 0
     assert not runtime.flashhead_active()
     assert "FLASHHEAD_ENABLED=0" in act.log_line()
+
+
+def test_a_bad_kill_switch_value_is_logged_and_serves_dense(env, monkeypatch, caplog):
+    """FLASHHEAD_ENABLED=disable is no boolean: the safe reading is off (dense), said once."""
+    import fakelib.core as core
+
+    monkeypatch.setenv("FLASHHEAD_ENABLED", "disable")
+    write(env, "vllm-0.29.yaml", patchset(ARCHS, OBSERVE.format(process="any", required="true")))
+    with caplog.at_level(logging.ERROR, logger="flashhead"):
+        plugin.register()
+        plugin.register()
+    said = [r.getMessage() for r in caplog.records if "FLASHHEAD_ENABLED" in r.getMessage()]
+    assert said == [
+        "flashhead: setting ignored: FLASHHEAD_ENABLED='disable' is not a boolean (1/0, "
+        "true/false, yes/no, on/off); serving dense until it is one"
+    ]
+    assert not runtime.flashhead_active() and core.add(1) == 2
+    assert "FlashHeadLlamaForCausalLM" in archs()
 
 
 def test_process_filter(env, monkeypatch):
@@ -474,6 +492,6 @@ def test_start_up_line_visible_whatever_the_root_handler(monkeypatch, root_level
     handler.setLevel(root_level)
     monkeypatch.setattr(root, "handlers", [handler])
     monkeypatch.setattr(plugin.logger, "handlers", [])
-    monkeypatch.delenv(plugin.LOG_LEVEL_ENV, raising=False)
+    monkeypatch.delenv(settings.LOG_LEVEL_ENV, raising=False)
     plugin._ensure_log_handler()
     assert bool(plugin.logger.handlers) is ours

@@ -9,6 +9,7 @@ from flashhead.compat.version import detect_vllm_version, release_for_matching
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from flashhead import settings
 from flashhead.registry import (
     PatchSet,
     PatchsetError,
@@ -314,6 +315,7 @@ def test_patchset_dir_override(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHHEAD_PATCHSET_DIR", str(tmp_path))
     assert patchset_dir() == tmp_path
     monkeypatch.delenv("FLASHHEAD_PATCHSET_DIR")
+    settings.reset_for_tests()  # parsed once per process: as a new process would see it
     assert patchset_dir() == default_patchset_dir()
     assert (default_patchset_dir() / "__init__.py").exists()
 

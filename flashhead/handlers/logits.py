@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -85,7 +84,9 @@ def flashhead_enabled() -> bool:
     try:
         from flashhead.runtime import flashhead_active
     except ImportError:
-        return os.environ.get("FLASHHEAD_ENABLED", "1").strip().lower() not in ("0", "false", "no")
+        from flashhead.settings import settings
+
+        return settings().enabled
     return bool(flashhead_active())
 
 
@@ -452,9 +453,7 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     assets = load_assets(model_dir, config)
     from flashhead.settings import settings
 
-    opts = settings()
-    for problem in opts.problems:
-        log_once(f"settings:{problem}", logging.ERROR, "FlashHead: %s", problem)
+    opts = settings()  # its problems are logged by the plugin, once per process
     shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement) if opts.shadow > 0 else None
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     state.build_context, speculative = build_context()

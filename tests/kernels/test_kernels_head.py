@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from flashhead.kernels import dispatch
+from flashhead.kernels.options import KernelOptions
 
+from flashhead import settings
 from flashhead.head import FlashHead
 
 
@@ -99,24 +101,35 @@ def test_logits_sampling_rows_use_their_generator(setup):
     assert torch.equal(run(1)[1], torch.isfinite(head.logits(h))[1])  # greedy row: top-p probes
 
 
-def test_cpu_large_batches_go_dense(setup, monkeypatch):
+def test_cpu_large_batches_go_dense(setup):
     weight, assets = setup
-    head = FlashHead.build(weight, assets, backend="torch")
-    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "4")
+    fixed = KernelOptions(dense_min_batch=4)
+    head = FlashHead.build(weight, assets, backend="torch", options=fixed)
     h = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
     assert head.uses_dense(4) and not head.uses_dense(3)
     assert torch.equal(head.tokens(h), (h @ weight.t()).argmax(dim=1))  # exact dense answer
     assert torch.isfinite(head.logits(h)).all()
-    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "0")
-    assert not head.uses_dense(1000)
+    never = FlashHead.build(
+        weight, assets, backend="torch", options=KernelOptions(dense_min_batch=0)
+    )
+    assert not never.uses_dense(1000)
     # The rule: dense once B x K >= 2 V (K = (4 probes + 1 special cluster) x 8 = 40 rows).
-    monkeypatch.delenv(dispatch.ENV_DENSE_MIN_BATCH)
+    head = FlashHead.build(weight, assets, backend="torch", options=KernelOptions())
     assert head.candidate_rows == 40
     assert not head.uses_dense(6) and head.uses_dense(7)  # 7 x 40 >= 2 x 128
     assert not head.uses_dense(7, torch.device("cuda"))  # the torch backend on GPU: never
     assert dispatch.prefer_dense("triton", "cuda", 4, 40, 128) and not dispatch.prefer_dense(
         "triton", "cuda", 3, 40, 128
     )  # Triton: dense once B x K >= V
+
+
+def test_head_takes_the_process_settings_unless_given_options(setup, monkeypatch):
+    weight, assets = setup
+    monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "4")
+    settings.reset_for_tests()
+    assert FlashHead.build(weight, assets, backend="torch").uses_dense(4)
+    own = FlashHead.build(weight, assets, backend="torch", options=KernelOptions(dense_min_batch=0))
+    assert not own.uses_dense(4)
 
 
 def test_bad_inputs(setup):
@@ -132,28 +145,27 @@ def test_bad_inputs(setup):
         head.candidates(torch.randn(2, 32), n_probes=17)
 
 
-def test_dispatch_env(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "cuda-magic")
+def test_dispatch_options():
     with pytest.raises(dispatch.BackendError, match="triton, torch"):
-        dispatch.resolve_backend(None, "cpu")
-    assert "error" in dispatch.describe_backend("cpu")
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
-    assert dispatch.resolve_backend(None, "cpu") == "torch"
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "auto")
-    monkeypatch.delenv(dispatch.ENV_DENSE_MIN_BATCH, raising=False)
-    info = dispatch.describe_backend("cpu")
+        dispatch.resolve_backend("cuda-magic", "cpu")
+    with pytest.raises(ValueError, match="triton, torch"):
+        KernelOptions(backend="cuda-magic")
+    assert dispatch.resolve_backend(None, "cpu", KernelOptions(backend="torch")) == "torch"
+    info = dispatch.describe_backend("cpu", KernelOptions())
     assert info["backend"] == "torch" and info["reason"] == "no CUDA device"
     assert info["dense_min_batch"] is None and "B x K" in info["dense_fallback"]
-    monkeypatch.setenv(dispatch.ENV_DENSE_MIN_BATCH, "lots")
-    with pytest.raises(dispatch.BackendError, match="integer"):
-        dispatch.dense_min_batch()
+    info = dispatch.describe_backend("cpu", KernelOptions(dense_min_batch=0))
+    assert info["dense_fallback"].startswith("never")
+    assert (
+        dispatch.describe_backend("cpu", KernelOptions(cpu_compile=False))["cpu_gather_dot"]
+        == "disabled"
+    )
 
 
 def test_dispatch_forced_triton_without_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
     with pytest.raises(dispatch.BackendError, match="needs CUDA"):
-        dispatch.resolve_backend(None, "cpu")
+        dispatch.resolve_backend(None, "cpu", KernelOptions(backend="triton"))
 
 
 @pytest.mark.slow
@@ -161,13 +173,14 @@ def test_compiled_cpu_gather_dot_matches_reference(make_assets, monkeypatch):
     """The torch.compile'd CPU path (default outside these tests) gives the reference's tokens."""
     from flashhead.kernels import reference
 
-    monkeypatch.setenv("FLASHHEAD_CPU_COMPILE", "1")
     monkeypatch.setattr(reference, "_COMPILE_STATE", {})
     monkeypatch.setattr(reference, "COMPILE_MIN_ELEMENTS", 0)  # compile even this tiny head
     weight, assets = make_assets(128, 32, 16, n_probes=4, specials=[2])
     h = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
     for dtype in (torch.float32, torch.bfloat16):
-        fast = FlashHead.build(weight.to(dtype), assets, backend="torch")
+        fast = FlashHead.build(
+            weight.to(dtype), assets, backend="torch", options=KernelOptions(cpu_compile=True)
+        )
         ref = FlashHead.build(weight.to(dtype), assets, backend="reference")
         got = fast.candidates(h.to(dtype), n_probes=16)
         want = ref.candidates(h.to(dtype), n_probes=16)

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from flashhead.kernels import triton_ops
+from flashhead.kernels import reference, triton_ops
 
 from flashhead.head import FlashHead
 
@@ -147,11 +147,33 @@ def test_select_probes_separates_keys_that_differ_only_in_the_last_bits(device, 
     assert torch.equal(got, want)
 
 
-def test_select_method_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv("FLASHHEAD_TRITON_SELECT", raising=False)
-    assert triton_ops.select_method() == "bisect"
-    monkeypatch.setenv("FLASHHEAD_TRITON_SELECT", "radix")
-    assert triton_ops.select_method() == "radix"
-    monkeypatch.setenv("FLASHHEAD_TRITON_SELECT", "heap")
-    with pytest.raises(ValueError, match="FLASHHEAD_TRITON_SELECT='heap'"):
-        triton_ops.select_method()
+def test_select_method_comes_from_the_options(device, monkeypatch):
+    """The select method is an option (FLASHHEAD_TRITON_SELECT in flashhead.settings); the
+    kernel module reads no environment, and a name it does not know is refused."""
+    from flashhead.kernels.options import KernelOptions
+
+    calls = []
+    for name in ("_select_kernel", "_select_radix_kernel"):
+        kernel = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, _Recorder(kernel, lambda n=name: calls.append(n)))
+    keys = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    want = reference.select_probes(keys.cpu(), 5)
+    for method in ("radix", "bisect"):
+        got = triton_ops.select_probes(keys, 5, options=KernelOptions(triton_select=method))
+        assert torch.equal(got.cpu(), want)
+    assert calls == ["_select_radix_kernel", "_select_kernel"]
+    with pytest.raises(ValueError, match="bisect, radix"):
+        KernelOptions(triton_select="heap")
+    with pytest.raises(ValueError, match="'heap'"):
+        triton_ops.select_probes(keys, 5, method="heap")
+
+
+class _Recorder:
+    """A launched kernel that notes its launch (kernel[grid](...) goes through __getitem__)."""
+
+    def __init__(self, kernel, note):
+        self.kernel, self.note = kernel, note
+
+    def __getitem__(self, grid):
+        self.note()
+        return self.kernel[grid]
