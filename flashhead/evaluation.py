@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from flashhead.assets import FlashHeadAssets, load_assets
+from flashhead.evaluation_defaults import DEFAULT_PROBES, DEFAULT_TARGETS, FAMILIES
 
-DEFAULT_PROBES = (16, 32, 64, 128, 256, 512, 1024)
-DEFAULT_TARGETS = (0.99, 0.995, 0.999)
 _ROW_BLOCK = 256  # hidden states per dense-logits block: [256, 262144] fp32 = 256 MiB
 
 
@@ -213,7 +212,6 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
 # Every text family `flashhead eval` reports (see flashhead.convert.texts for the text ones):
 # "text" is the user's --text FILE. Convert calibrates on held-out-disjoint halves of prose,
 # code, chat and self; docstrings, markdown and qa are never seen by convert at all.
-FAMILIES = ("prose", "code", "docstrings", "markdown", "qa", "chat", "self")
 CORPORA = FAMILIES  # the name of the --corpus option
 _NEVER_CALIBRATED = ("docstrings", "markdown", "qa", "text")
 

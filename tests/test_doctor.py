@@ -219,3 +219,16 @@ def test_watching_line_names_shadow_guard_and_bad_values(env, monkeypatch, capsy
     settings.reset_for_tests()  # settings are parsed once per process: a new process, here
     report = build_report()["watching"]
     assert report["shadow"] == 0.0 and "FLASHHEAD_SHADOW='half'" in report["problems"][0]
+
+
+def test_without_vllm_the_doctor_says_to_install_it(env, monkeypatch, capsys):
+    import flashhead.compat.version as version
+
+    write_set(env, ARCHS)
+    monkeypatch.delenv("FLASHHEAD_VLLM_VERSION")
+    monkeypatch.setattr(version, "_DISTRIBUTIONS", ("no-such-distribution",))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "vLLM:        not found (absent)" in out
+    assert "FAIL: vLLM is not installed in this environment: install it (`pip install vllm`" in out

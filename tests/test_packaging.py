@@ -68,3 +68,15 @@ def test_entry_points(wheel_names):
     _, entry_points = wheel_names
     assert "[vllm.general_plugins]\nflashhead = flashhead:register" in entry_points
     assert "[console_scripts]\nflashhead = flashhead.cli:main" in entry_points
+
+
+def test_the_cli_parser_imports_neither_torch_nor_numpy():
+    """`flashhead --help` / `--version` in a plain venv: torch costs over a second and, without
+    numpy, prints an error; only the commands that compute import it."""
+    code = (
+        "import sys; from flashhead import cli; cli.build_parser(['--help']); "
+        "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'vllm') if m in sys.modules); "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

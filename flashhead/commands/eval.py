@@ -22,7 +22,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def _corpora(text: str) -> list[str]:
-    from flashhead.evaluation import FAMILIES
+    from flashhead.evaluation_defaults import FAMILIES
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names == ["all"]:
@@ -35,7 +35,7 @@ def _corpora(text: str) -> list[str]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from flashhead.evaluation import DEFAULT_PROBES
+    from flashhead.evaluation_defaults import DEFAULT_PROBES
 
     p = subparsers.add_parser(
         "eval",
