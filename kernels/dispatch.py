@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+
 from flashhead.kernels.options import BACKENDS, DEFAULT_OPTIONS, KernelOptions
 
 # Named in messages only: flashhead.settings reads them.

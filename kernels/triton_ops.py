@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from flashhead.kernels.options import DEFAULT_OPTIONS, SELECT_METHODS, KernelOptions
 from flashhead.kernels.reference import ClusterIndex, candidate_ids
 from flashhead.kernels.triton_mode import triton_interpreting

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from flashhead.kernels.reference import probe_keys
 
 from flashhead.assets import load_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
@@ -34,6 +33,7 @@ from flashhead.convert.fit import (
 )
 from flashhead.evaluation import cluster_ranks, dense_topk, family_hidden_states, load_model
 from flashhead.head import quantize_centroids
+from flashhead.kernels.reference import probe_keys
 
 EVAL_FAMILIES = ("qa", "markdown", "docstrings", "chat")
 _BLOCK = 256

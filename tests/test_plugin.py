@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from flashhead.compat.process import ProcessInfo
 
 from flashhead import plugin, runtime, settings
+from flashhead.compat.process import ProcessInfo
 from flashhead.engine import PatchEngine
 from flashhead.handlers import observe
 from flashhead.registry import PatchSpec

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flashhead.compat.version import detect_vllm_version, release_for_matching
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from flashhead import settings
+from flashhead.compat.version import detect_vllm_version, release_for_matching
 from flashhead.registry import (
     PatchSet,
     PatchsetError,

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from flashhead.kernels.options import KernelOptions
 
 from flashhead import settings
+from flashhead.kernels.options import KernelOptions
 from flashhead.settings import VARIABLES, parse
 
 REPO = Path(__file__).resolve().parents[1]

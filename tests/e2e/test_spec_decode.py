@@ -56,12 +56,12 @@ def _serves_drafts() -> bool:
     """Whether this vLLM's patchset maps verification rows (support.spec_decode: flashhead);
     elsewhere a FlashHead model under speculation is served dense and must say so."""
     from flashhead.compat.version import detect_vllm_version
-
     from flashhead.registry import load_patchsets, select_patchset
 
-    patchset = select_patchset(
-        load_patchsets().patchsets, detect_vllm_version().release_for_matching
-    )
+    version = detect_vllm_version()
+    if not version.present:  # no vLLM here: these tests are skipped (tests/conftest.py)
+        return False
+    patchset = select_patchset(load_patchsets().patchsets, version.release_for_matching)
     return patchset is not None and patchset.support.get("spec_decode") == "flashhead"
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashhead.kernels import dispatch
-from flashhead.kernels.options import KernelOptions
 
 from flashhead import settings
 from flashhead.head import FlashHead
+from flashhead.kernels import dispatch
+from flashhead.kernels.options import KernelOptions
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import itertools
 import math
 
 import torch
-from flashhead.kernels import reference
 
 from flashhead.head import FlashHead
+from flashhead.kernels import reference
 
 N_SAMPLES = 40_000
 

@@ -10,9 +10,9 @@ import itertools
 
 import pytest
 import torch
-from flashhead.kernels import reference, triton_ops
 
 from flashhead.head import FlashHead
+from flashhead.kernels import reference, triton_ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (V, d, c, n_probes, specials, unequal clusters): d=48 exercises masked d blocks, the
