@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo_questions() -> list[str]:
-    text = (REPO / "scripts" / "demo.sh").read_text()
-    block = re.search(r"questions = (\[.*?\])", text, re.S)
-    assert block, "scripts/demo.sh no longer lists its questions as `questions = [...]`"
+    text = (REPO / "scripts" / "demo.py").read_text()
+    block = re.search(r"QUESTIONS = (\[.*?\])", text, re.S)
+    assert block, "scripts/demo.py no longer lists its questions as `QUESTIONS = [...]`"
     return ast.literal_eval(block.group(1))
 
 
