@@ -17,8 +17,8 @@ import torch
 
 from flashhead.assets import FlashHeadAssets
 from flashhead.kernels import dispatch
+from flashhead.kernels.index import ClusterIndex, candidate_ids
 from flashhead.kernels.options import KernelOptions
-from flashhead.kernels.reference import ClusterIndex, candidate_ids
 from flashhead.settings import settings
 
 

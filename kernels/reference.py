@@ -22,31 +22,9 @@ gather per call page-faults and costs more than the head itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class ClusterIndex:
-    """Everything both backends read. Built once per process by `flashhead.head.FlashHead.build`.
-
-    `wc` holds `n_clusters` clusters followed by `n_special_clusters` always-probed clusters made
-    of the special tokens' rows; slots without a token have id -1 and a zero row.
-    """
-
-    wc: torch.Tensor  # [c_ext * s, d] head dtype, cluster-major
-    slot_ids: torch.Tensor  # [c_ext * s] int32 token id per slot, -1 = padding
-    slot_home: torch.Tensor  # [c_ext * s] int32 home cluster of a special slot's token, else -1
-    cent_q: torch.Tensor  # [c, d] int8
-    cent_scale: torch.Tensor  # [c] float32
-    n_clusters: int
-    cluster_size: int
-    n_special_clusters: int
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.wc.shape[1])
+from flashhead.kernels.index import ClusterIndex, candidate_ids
 
 
 def probe_keys(
@@ -124,25 +102,6 @@ def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0
         extra = torch.arange(c, c + n_special_clusters, device=keys.device)
         probes = torch.cat([probes, extra.expand(n_rows, -1)], dim=1)
     return probes
-
-
-def special_duplicates(index: ClusterIndex, probes: torch.Tensor) -> torch.Tensor:
-    """[B, n_special_clusters * s] bool: special slot whose token's home cluster is probed."""
-    c, s = index.n_clusters, index.cluster_size
-    home = index.slot_home[c * s :].to(torch.int64)  # [S]
-    regular = probes[:, : probes.shape[1] - index.n_special_clusters]  # [B, p]
-    return (home.view(1, -1, 1) == regular.unsqueeze(1)).any(dim=2) & (home >= 0)
-
-
-def candidate_ids(index: ClusterIndex, probes: torch.Tensor) -> torch.Tensor:
-    """[B, K] int64 token id per candidate slot (-1: padding or duplicated special)."""
-    s = index.cluster_size
-    slots = probes.unsqueeze(2) * s + torch.arange(s, device=probes.device)
-    ids = index.slot_ids.to(torch.int64)[slots.reshape(probes.shape[0], -1)]
-    if index.n_special_clusters:
-        dup = special_duplicates(index, probes)
-        ids[:, ids.shape[1] - dup.shape[1] :].masked_fill_(dup, -1)
-    return ids
 
 
 def pick(

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashhead.kernels.index import ClusterIndex, candidate_ids
 from flashhead.kernels.options import DEFAULT_OPTIONS, SELECT_METHODS, KernelOptions
-from flashhead.kernels.reference import ClusterIndex, candidate_ids
 from flashhead.kernels.triton_mode import triton_interpreting
 
 MIN_DOT_K = 16  # NVIDIA tl.dot needs K >= 16 (the interpreter accepts less: check it here)

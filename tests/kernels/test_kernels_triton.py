@@ -177,3 +177,15 @@ class _Recorder:
     def __getitem__(self, grid):
         self.note()
         return self.kernel[grid]
+
+
+def test_the_triton_path_imports_no_torch_reference():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flashhead.kernels.triton_ops; "
+        "print('flashhead.kernels.reference' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
