@@ -20,8 +20,10 @@ import inspect
 import logging
 import sys
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import wrapt
@@ -33,6 +35,7 @@ __all__ = [
     "FAILED_STATUSES",
     "SKIPPED_STATUSES",
     "STATUSES",
+    "Status",
     "ApplyContext",
     "Kind",
     "PatchEngine",
@@ -45,29 +48,40 @@ __all__ = [
 
 logger = logging.getLogger("flashhead")
 
-STATUSES = (
-    "applied",
-    "pending",
-    "skipped-version",
-    "skipped-process",
-    "missing-target",
-    "signature-mismatch",
-    "handler-error",
-    "disabled",
-    "rolled-back",
-    "runtime-error",
-)
-SKIPPED_STATUSES = ("skipped-version", "skipped-process", "disabled")
+
+class Status(str, Enum):
+    """A patch's state. A ``str`` so that records compare with, and serialise as, the names the
+    doctor and the YAML docs use ("applied", "skipped-version", ...)."""
+
+    APPLIED = "applied"
+    PENDING = "pending"
+    SKIPPED_VERSION = "skipped-version"
+    SKIPPED_PROCESS = "skipped-process"
+    MISSING_TARGET = "missing-target"
+    SIGNATURE_MISMATCH = "signature-mismatch"
+    HANDLER_ERROR = "handler-error"
+    DISABLED = "disabled"
+    ROLLED_BACK = "rolled-back"
+    RUNTIME_ERROR = "runtime-error"
+
+    def __str__(self) -> str:  # the name in f-strings and format() on every Python
+        return self.value
+
+    __format__ = str.__format__
+
+
+STATUSES = tuple(Status)
+SKIPPED_STATUSES = (Status.SKIPPED_VERSION, Status.SKIPPED_PROCESS, Status.DISABLED)
 FAILED_STATUSES = (
-    "missing-target",
-    "signature-mismatch",
-    "handler-error",
-    "rolled-back",
-    "runtime-error",
+    Status.MISSING_TARGET,
+    Status.SIGNATURE_MISMATCH,
+    Status.HANDLER_ERROR,
+    Status.ROLLED_BACK,
+    Status.RUNTIME_ERROR,
 )
 
 # Statuses a rollback turns into `rolled-back` (the rest already say why the patch is not live).
-_ROLLED_BACK_FROM = ("applied", "pending", "runtime-error")
+_ROLLED_BACK_FROM = (Status.APPLIED, Status.PENDING, Status.RUNTIME_ERROR)
 
 Undo = Callable[[], None]
 HOOK_LOCK_TIMEOUT_S = 30.0
@@ -80,7 +94,7 @@ class PatchRecord:
     kind: str
     target: str
     required: bool
-    status: str
+    status: Status
     reason: str = ""
     source: str = ""
     # Kind-specific facts (e.g. registered / missing architectures).
@@ -105,7 +119,7 @@ class PatchFailure(Exception):
 
     def __init__(self, status: str, reason: str):
         super().__init__(reason)
-        self.status = status
+        self.status = Status(status)
         self.reason = reason
 
 
@@ -128,7 +142,7 @@ class ApplyContext:
     patch_key: str
 
 
-class Kind:
+class Kind(ABC):
     """A way of installing a patch. ``apply`` returns the undo; raise PatchFailure to fail."""
 
     name = ""
@@ -136,8 +150,9 @@ class Kind:
     # (e.g. a registry that must be filled before the host looks things up).
     eager_import = False
 
-    def apply(self, ctx: ApplyContext) -> Undo:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, ctx: ApplyContext) -> Undo:
+        """Install the patch described by ``ctx``; return what undoes it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +376,7 @@ class PatchEngine:
                 state.entries.append(entry)
                 if state.rolled_back:
                     entry.live = False
-                    entry.record.status = "rolled-back"
+                    entry.record.status = Status.ROLLED_BACK
                     entry.record.reason = state.rollback_reason
                     continue
                 self._attempt(state, entry, force_import=force_import)
@@ -425,7 +440,7 @@ class PatchEngine:
             self._fail(state, entry, PatchFailure("handler-error", f"{type(exc).__name__}: {exc}"))
 
     def _arm_hook(self, state: _SetState, entry: _Entry) -> None:
-        entry.record.status = "pending"
+        entry.record.status = Status.PENDING
         entry.record.reason = f"waits for import of {entry.spec.module}"
         entry.hook_armed = True
 
@@ -502,7 +517,7 @@ class PatchEngine:
         )
         undo = kind.apply(ctx)
         entry.undo = undo
-        entry.record.status = "applied"
+        entry.record.status = Status.APPLIED
         entry.record.reason = ""
 
     def _fail(self, state: _SetState, entry: _Entry, exc: PatchFailure) -> None:
@@ -527,7 +542,7 @@ class PatchEngine:
         for entry in state.entries:
             # The culprit keeps its failure; skipped and other failed records stay as they are.
             if entry is not culprit and entry.record.status in _ROLLED_BACK_FROM:
-                entry.record.status = "rolled-back"
+                entry.record.status = Status.ROLLED_BACK
                 entry.record.reason = reason
         logger.error("flashhead: set %s rolled back: %s", state.set_id, reason)
 
@@ -535,7 +550,7 @@ class PatchEngine:
         with self._lock:
             first = entry.live
             entry.live = False
-            entry.record.status = "runtime-error"
+            entry.record.status = Status.RUNTIME_ERROR
             entry.record.reason = (
                 f"handler raised {type(exc).__name__}: {exc}; the original ran instead"
             )
@@ -567,7 +582,7 @@ def _safe_undo(entry: _Entry) -> None:
 
 def _new_record(spec: PatchSpec, set_id: str, status: str, reason: str = "") -> PatchRecord:
     return PatchRecord(
-        set_id, spec.id, spec.kind, spec.target, spec.required, status, reason, spec.where
+        set_id, spec.id, spec.kind, spec.target, spec.required, Status(status), reason, spec.where
     )
 
 

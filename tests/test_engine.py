@@ -536,3 +536,17 @@ def test_hook_does_not_wait_forever_for_a_busy_engine(lazy_unloaded, monkeypatch
         release.set()
         t.join()
         engine.unpatch()
+
+
+def test_kinds_must_implement_apply_and_statuses_are_the_documented_names():
+    from flashhead.engine import STATUSES, PatchFailure, Status
+
+    class Half(Kind):
+        name = "half"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+    assert [str(s) for s in STATUSES][:2] == ["applied", "pending"]
+    assert PatchFailure("missing-target", "x").status is Status.MISSING_TARGET
+    with pytest.raises(ValueError, match="'no-such-status'"):
+        PatchFailure("no-such-status", "x")
