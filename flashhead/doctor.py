@@ -21,6 +21,7 @@ from flashhead.compat.process import ProcessInfo
 from flashhead.engine import PatchEngine
 from flashhead.plugin import Activation, activate
 from flashhead.settings import settings
+from flashhead.text_table import text_table
 from flashhead.vllm_kinds import vllm_kinds
 
 __all__ = ["build_report", "format_report", "run_doctor"]
@@ -172,13 +173,7 @@ def _watching() -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r).rstrip() for r in rows]
-    return out
+    return text_table([headers, *rows])
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -180,14 +180,9 @@ def render_markdown(rows: Sequence[Row]) -> str:
 
 
 def render_text(rows: Sequence[Row]) -> str:
-    table = [list(COLUMNS)] + [r.cells() for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    out = []
-    for i, r in enumerate(table):
-        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out) + "\n"
+    from flashhead.text_table import text_table
+
+    return "\n".join(text_table([list(COLUMNS)] + [r.cells() for r in rows])) + "\n"
 
 
 def readme_block(text: str, path: str = "README.md") -> str:

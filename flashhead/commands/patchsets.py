@@ -207,11 +207,11 @@ def _render_rows(rows, triage: bool) -> str:
             found = f"{found} @ {r.location}" if found else f"@ {r.location}"
         status = triage_word(r.status) if triage else r.status
         table.append([r.patch_id, r.target, status, r.expected or "-", found or "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    lines = []
-    for i, row in enumerate(table):
-        head = "  ".join(c.ljust(w) for c, w in zip(row[:3], widths))
-        lines.append(f"{head}  {row[3]}  ->  {row[4]}" if i else f"{head}  expected  ->  found")
+    from flashhead.text_table import pad_columns
+
+    heads = ["  ".join(cells) for cells in pad_columns([row[:3] for row in table])]
+    lines = [f"{heads[0]}  expected  ->  found"]
+    lines += [f"{head}  {row[3]}  ->  {row[4]}" for head, row in zip(heads[1:], table[1:])]
     return "\n".join(lines)
 
 
