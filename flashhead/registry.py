@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from packaging.specifiers import InvalidSpecifier, Specifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 
 from flashhead.compat.process import PROCESS_KINDS  # the `process:` values name these kinds
 from flashhead.settings import PATCHSET_DIR_ENV, settings
 from flashhead.signatures import SignatureSyntaxError, parse_signature
+from flashhead.version_ranges import interval, overlap_hint, spec_text
 
 __all__ = [
     "KINDS",
@@ -167,7 +168,7 @@ class PatchSet:
 
     @property
     def range_text(self) -> str:
-        return self.vllm_text or str(self.vllm)
+        return self.vllm_text or spec_text(self.vllm)
 
     @property
     def name(self) -> str:
@@ -401,7 +402,7 @@ class _Validator:
                 node, "vllm", "empty version range", 'write a PEP 440 range like ">=0.29,<0.34"'
             )
             return None
-        if _interval(spec).empty:
+        if interval(spec).empty:
             self.problem(node, "vllm", f"range {value!r} matches no version", "fix the bounds")
             return None
         return spec
@@ -814,113 +815,13 @@ def select_patchset(patchsets: Iterable[PatchSet], version: Version | str) -> Pa
 # Range checks
 
 
-@dataclass(frozen=True)
-class _Bound:
-    version: Version | None  # None = unbounded
-    inclusive: bool
-
-
-@dataclass(frozen=True)
-class _Interval:
-    low: _Bound
-    high: _Bound
-    excluded: frozenset[Version] = frozenset()
-
-    @property
-    def empty(self) -> bool:
-        lo, hi = self.low, self.high
-        if lo.version is None or hi.version is None:
-            return False
-        if lo.version > hi.version:
-            return True
-        if lo.version == hi.version:
-            if not (lo.inclusive and hi.inclusive):
-                return True
-            return lo.version in self.excluded
-        return False
-
-    def intersect(self, other: _Interval) -> _Interval:
-        return _Interval(
-            _max_low(self.low, other.low),
-            _min_high(self.high, other.high),
-            self.excluded | other.excluded,
-        )
-
-
-def _max_low(a: _Bound, b: _Bound) -> _Bound:
-    if a.version is None:
-        return b
-    if b.version is None:
-        return a
-    if a.version != b.version:
-        return a if a.version > b.version else b
-    return _Bound(a.version, a.inclusive and b.inclusive)
-
-
-def _min_high(a: _Bound, b: _Bound) -> _Bound:
-    if a.version is None:
-        return b
-    if b.version is None:
-        return a
-    if a.version != b.version:
-        return a if a.version < b.version else b
-    return _Bound(a.version, a.inclusive and b.inclusive)
-
-
-def _next_release(release: Sequence[int], depth: int) -> Version:
-    """The first release after the prefix release[:depth] (0.29 -> 0.30, 0.29.1 -> 0.29.2)."""
-    parts = list(release[:depth])
-    parts[-1] += 1
-    return Version(".".join(str(p) for p in parts))
-
-
-def _spec_interval(spec: Specifier) -> _Interval:
-    op, text = spec.operator, spec.version
-    unbounded = _Bound(None, False)
-    if op == "==" and text.endswith(".*"):
-        base = Version(text[:-2])
-        return _Interval(
-            _Bound(base, True), _Bound(_next_release(base.release, len(base.release)), False)
-        )
-    if op == "~=":
-        base = Version(text)
-        depth = max(1, len(base.release) - 1)
-        return _Interval(_Bound(base, True), _Bound(_next_release(base.release, depth), False))
-    if op == "!=":
-        if text.endswith(".*"):  # a hole we do not model; it cannot create an overlap
-            return _Interval(unbounded, unbounded)
-        return _Interval(unbounded, unbounded, frozenset({Version(text)}))
-    try:
-        v = Version(text)
-    except InvalidVersion:  # '===' arbitrary string: treat as unknown, never empty
-        return _Interval(unbounded, unbounded)
-    if op in ("==", "==="):
-        return _Interval(_Bound(v, True), _Bound(v, True))
-    if op == ">=":
-        return _Interval(_Bound(v, True), unbounded)
-    if op == ">":
-        return _Interval(_Bound(v, False), unbounded)
-    if op == "<=":
-        return _Interval(unbounded, _Bound(v, True))
-    if op == "<":
-        return _Interval(unbounded, _Bound(v, False))
-    return _Interval(unbounded, unbounded)
-
-
-def _interval(specs: SpecifierSet) -> _Interval:
-    out = _Interval(_Bound(None, False), _Bound(None, False))
-    for spec in specs:
-        out = out.intersect(_spec_interval(spec))
-    return out
-
-
 def check_ranges(patchsets: Sequence[PatchSet]) -> list[str]:
     """Problems with the version ranges of a collection of patchsets: empty or overlapping.
 
     Each problem is ``file:line: vllm: ...`` so the checker can print it as is.
     """
     problems: list[str] = []
-    intervals = [(ps, _interval(ps.vllm)) for ps in sorted(patchsets, key=lambda p: p.name)]
+    intervals = [(ps, interval(ps.vllm)) for ps in sorted(patchsets, key=lambda p: p.name)]
     for ps, iv in intervals:
         if iv.empty:
             problems.append(
@@ -934,19 +835,7 @@ def check_ranges(patchsets: Sequence[PatchSet]) -> list[str]:
             if not both.empty:
                 problems.append(
                     f"{b.path}:{b.vllm_line}: vllm: range {b.range_text!r} overlaps {a.name} "
-                    f"({a.range_text!r}, line {a.vllm_line}){_overlap_hint(both)} "
+                    f"({a.range_text!r}, line {a.vllm_line}){overlap_hint(both)} "
                     "(every vLLM version must select at most one file; move a bound)"
                 )
     return problems
-
-
-def _overlap_hint(iv: _Interval) -> str:
-    lo = iv.low.version
-    hi = iv.high.version
-    if lo is not None and hi is not None:
-        return f": both match {'[' if iv.low.inclusive else '('}{lo}, {hi}{']' if iv.high.inclusive else ')'}"
-    if lo is not None:
-        return f": both match {lo} and later"
-    if hi is not None:
-        return f": both match versions before {hi}"
-    return ": both match every version"

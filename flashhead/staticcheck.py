@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 from packaging.version import Version
 
-if TYPE_CHECKING:
-    from packaging.specifiers import SpecifierSet
+from flashhead.version_ranges import bounds
 
+if TYPE_CHECKING:
     from flashhead.registry import PatchSet, PatchSpec
 
 # Decorators that make a method behave like an attribute: the "signature" is the getter's.
@@ -553,7 +553,7 @@ def _check_target(
         row.status = CHANGED if row.status == OK else row.status
         row.detail = _join(row.detail, f"{found.location} is a {found.kind}, not a function")
         return row
-    diffs = _compare(declared, row.found)
+    diffs = signature_differences(declared, row.found)
     if diffs:
         if row.status == OK:
             row.status = CHANGED
@@ -561,7 +561,8 @@ def _check_target(
     return row
 
 
-def _compare(declared: str, found: str) -> list[str]:
+def signature_differences(declared: str, found: str) -> list[str]:
+    """What differs between a declared and a found signature, in the static check's words."""
     from flashhead.signatures import compare, parse_signature
 
     return [
@@ -653,29 +654,12 @@ def tree_version(tree: SourceTree) -> str | None:
     return None
 
 
-def spec_text(spec: SpecifierSet) -> str:
-    """A SpecifierSet as people write it: lower bound first (">=0.29,<0.34")."""
-    return ",".join(
-        str(s) for s in sorted(spec, key=lambda s: (s.operator.startswith("<"), s.version))
-    )
-
-
-def _bounds(spec: SpecifierSet) -> tuple[Version | None, Version | None]:
-    low = high = None
-    for s in spec:
-        if s.operator in (">=", ">", "==", "~="):
-            low = Version(s.version.rstrip(".*"))
-        if s.operator in ("<", "<="):
-            high = Version(s.version)
-    return low, high
-
-
 def nearest_patchset(patchsets: Sequence[PatchSet], version: str) -> PatchSet | None:
     """The patchset whose range is closest to `version` (for triage of an uncovered release)."""
     v = Version(version)
 
     def distance(ps: PatchSet) -> tuple[float, str]:
-        low, high = _bounds(ps.vllm)
+        low, high = bounds(ps.vllm)
         if ps.matches(v):
             return 0.0, ps.name
         if high is not None and v >= high:

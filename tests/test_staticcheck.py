@@ -15,6 +15,7 @@ import pytest
 
 from flashhead import registry, sdist, staticcheck, support_table
 from flashhead.cli import main as cli_main
+from flashhead.version_ranges import spec_text
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "fake_vllm_src"
 FAKE_SETS = FAKE / "patchsets"
@@ -212,7 +213,7 @@ def test_new_scaffolds_a_file_the_registry_loads(tmp_path, capsys):
     )
     assert rc == 0, out
     loaded = registry.load_patchset(out_file)
-    assert str(staticcheck.spec_text(loaded.vllm)) == ">=0.40,<0.41"
+    assert str(spec_text(loaded.vllm)) == ">=0.40,<0.41"
     text = out_file.read_text()
     assert (
         '"(self, lm_head, hidden_states, embedding_bias=None, skip_gather=False, *, '

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from packaging.version import InvalidVersion, Version
 
+from flashhead.version_ranges import spec_text
+
 if TYPE_CHECKING:
     from flashhead.registry import PatchSet
     from flashhead.staticcheck import SourceTree
@@ -156,7 +158,7 @@ def run_check(args: argparse.Namespace) -> int:
                     "vllm_version": version,
                     "source": str(tree.root),
                     "patchset": str(chosen.path),
-                    "patchset_range": staticcheck.spec_text(chosen.vllm),
+                    "patchset_range": spec_text(chosen.vllm),
                     "triage": triage,
                     "ok": ok,
                     "mismatches": sum(not r.ok for r in rows),
@@ -172,12 +174,10 @@ def run_check(args: argparse.Namespace) -> int:
     if triage:
         print(
             f"TRIAGE: no patchset covers vLLM {version}; nearest is {chosen.name} "
-            f"({staticcheck.spec_text(chosen.vllm)}). Each of its targets in {version}:"
+            f"({spec_text(chosen.vllm)}). Each of its targets in {version}:"
         )
     else:
-        print(
-            f"patchset: {chosen.path} ({staticcheck.spec_text(chosen.vllm)}, serve: {chosen.serve})"
-        )
+        print(f"patchset: {chosen.path} ({spec_text(chosen.vllm)}, serve: {chosen.serve})")
     print(_render_rows(rows, triage))
     bad = [r for r in rows if not r.ok]
     for r in bad:
@@ -282,13 +282,12 @@ def run_new(args: argparse.Namespace) -> int:
     print("next steps:")
     if old_range is not None:
         print(
-            f'  1. narrow {src}: line {old.vllm_line}: vllm: "{staticcheck.spec_text(old.vllm)}" -> vllm: "{old_range}"'
+            f'  1. narrow {src}: line {old.vllm_line}: vllm: "{spec_text(old.vllm)}" -> vllm: "{old_range}"'
             " (this command does not edit it)"
         )
     else:
         print(
-            f"  1. {src} ({staticcheck.spec_text(old.vllm)}) already ends before {version}; "
-            "leave it as it is"
+            f"  1. {src} ({spec_text(old.vllm)}) already ends before {version}; leave it as it is"
         )
     print(f"  2. review each marked line in {out}, update handlers, then delete the marks")
     where = f"--vllm-source {args.vllm_source}" if args.vllm_source else f"--vllm-version {version}"
@@ -298,9 +297,9 @@ def run_new(args: argparse.Namespace) -> int:
 
 def _split_ranges(spec, version: Version) -> tuple[str, str | None]:
     """(new file's range, old file's narrowed range or None when it already ends before)."""
-    from flashhead.staticcheck import _bounds
+    from flashhead.version_ranges import bounds
 
-    low, high = _bounds(spec)
+    low, high = bounds(spec)
     start = f"{version.major}.{version.minor}" if version.micro == 0 else str(version)
     if high is not None and version < high:
         new_range = f">={start},<{high}"
@@ -340,7 +339,7 @@ def scaffold_text(
     edit(
         top["vllm"],
         new_range,
-        f"scaffolded from {old.name} ({staticcheck.spec_text(old.vllm)}) for vLLM {version}",
+        f"scaffolded from {old.name} ({spec_text(old.vllm)}) for vLLM {version}",
     )
     marks.pop()  # the range line is not a review item
     for patch, pnode in zip(old.patches, top["patches"].value):
@@ -359,7 +358,11 @@ def scaffold_text(
             elif row.status == staticcheck.MOVED and row.site.startswith("requires["):
                 req = _site_node(fields, row.site, want="target")
                 edit(req, row.moved_to, f"MOVED in {version}: was {row.target}")
-            if row.found and row.expected and staticcheck._compare(row.expected, row.found):
+            if (
+                row.found
+                and row.expected
+                and staticcheck.signature_differences(row.expected, row.found)
+            ):
                 if row.site != "target":
                     edit(node, row.found, f"CHANGED in {version}: was {row.expected}")
             elif row.status not in (staticcheck.MOVED, staticcheck.CHANGED):
