@@ -1,13 +1,17 @@
-"""Process-global FlashHead state that handlers consult at run time.
+"""The FlashHead state of this process that handlers consult at run time.
 
-The plugin installs the engine and the activation here once per process; handlers ask
-:func:`flashhead_active` before doing FlashHead work (False before activation, with
-``FLASHHEAD_ENABLED=0``, after a rollback of the patch set, or once the kill switch is thrown).
+The plugin installs one ``Runtime`` per process (the engine, the activation and the patch set
+that serves FlashHead); handlers ask :func:`flashhead_active` before doing FlashHead work (False
+before activation, with ``FLASHHEAD_ENABLED=0``, after a rollback of the patch set, or once
+the kill switch is thrown). The module functions are the interface; ``current()`` is the
+object behind them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flashhead.settings import ENABLED_ENV, settings
@@ -17,7 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENABLED_ENV",
+    "Runtime",
     "activation",
+    "current",
     "engine",
     "env_enabled",
     "flashhead_active",
@@ -31,12 +37,36 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class Runtime:
+    engine: PatchEngine | None = None
+    activation: Any = None  # flashhead.plugin.Activation (untyped here: no import cycle)
+    main_set: str | None = None  # the patch set whose activity means "FlashHead serves"
+    killed: bool = False
+    kill_reason: str = ""
+
+    def flashhead_active(self) -> bool:
+        if self.killed or self.engine is None or self.main_set is None:
+            return False
+        if self.activation is not None and not getattr(self.activation, "flashhead_enabled", True):
+            return False
+        return self.engine.set_active(self.main_set)
+
+
 _lock = threading.Lock()
-_engine: PatchEngine | None = None
-_activation: Any = None  # flashhead.plugin.Activation (kept untyped: no import cycle)
-_main_set: str | None = None
-_killed = False
-_kill_reason = ""
+# Replaced whole under the lock, read without it: a reader sees one consistent state.
+_current = Runtime()
+
+
+def current() -> Runtime:
+    return _current
+
+
+def _replace(**changes: Any) -> Runtime:
+    global _current
+    with _lock:
+        _current = dataclasses.replace(_current, **changes)
+        return _current
 
 
 def env_enabled() -> bool:
@@ -45,60 +75,48 @@ def env_enabled() -> bool:
 
 
 def install(engine_: PatchEngine, activation_: Any, main_set: str | None) -> None:
-    global _engine, _activation, _main_set
-    with _lock:
-        _engine, _activation, _main_set = engine_, activation_, main_set
+    _replace(engine=engine_, activation=activation_, main_set=main_set)
 
 
 def engine() -> PatchEngine | None:
-    return _engine
+    return _current.engine
 
 
 def activation() -> Any:
-    return _activation
+    return _current.activation
 
 
 def kill(reason: str = "kill switch") -> None:
     """Runtime kill switch: every FlashHead patch passes straight through from now on."""
-    global _killed, _kill_reason
-    with _lock:
-        _killed, _kill_reason = True, reason
+    _replace(killed=True, kill_reason=reason)
 
 
 def revive() -> None:
-    global _killed, _kill_reason
-    with _lock:
-        _killed, _kill_reason = False, ""
+    _replace(killed=False, kill_reason="")
 
 
 def kill_switch_on() -> bool:
     """The `enabled` callable the plugin gives the engine for FlashHead patches."""
-    return not _killed
+    return not _current.killed
 
 
 def kill_reason() -> str:
-    return _kill_reason
+    return _current.kill_reason
 
 
 def flashhead_active() -> bool:
-    eng, main_set = _engine, _main_set
-    if _killed or eng is None or main_set is None:
-        return False
-    if _activation is not None and not getattr(_activation, "flashhead_enabled", True):
-        return False
-    return eng.set_active(main_set)
+    return _current.flashhead_active()
 
 
 def records() -> list[PatchRecord]:
-    eng = _engine
+    eng = _current.engine
     return eng.records() if eng is not None else []
 
 
 def reset() -> None:
     """Undo everything and forget the activation (tests; doctor)."""
-    global _engine, _activation, _main_set, _killed, _kill_reason
+    global _current
     with _lock:
-        eng = _engine
-        _engine, _activation, _main_set, _killed, _kill_reason = None, None, None, False, ""
+        eng, _current = _current.engine, Runtime()
     if eng is not None:
         eng.unpatch()
