@@ -31,7 +31,7 @@ class AnswerReport:
 
 
 def _prefixes(tok: Any, questions: list[str]) -> tuple[list[list[int]], str]:
-    from flashhead.convert.chat import chat_prefix, qa_prefix, uses_chat_template
+    from flashhead.calibration.chat import chat_prefix, qa_prefix, uses_chat_template
 
     if uses_chat_template(tok):
         return [chat_prefix(tok, q, True) for q in questions], "chat template"
@@ -55,7 +55,7 @@ def _candidate_mask_hook(head: Any, n_probes: int):
 def _greedy(model: Any, tok: Any, prefixes: list[list[int]], max_new: int, hook=None):
     """Greedy answers through convert's own batched decoder (`chat._answer`), with `hook` on the
     head's output while it runs; each answer without its stop token."""
-    from flashhead.convert.chat import _answer, _stop_ids
+    from flashhead.calibration.chat import _answer, _stop_ids
 
     stop = _stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(stop) if stop else 0)
@@ -78,7 +78,7 @@ def compare_answers(
     max_new_tokens: int = 48,
 ) -> AnswerReport:
     """Greedy answers to the first `limit` held-out questions, dense vs FlashHead at n_probes."""
-    from flashhead.convert.chat import questions
+    from flashhead.calibration.chat import questions
 
     qs = questions()[:limit]
     prefixes, form = _prefixes(tok, qs)

@@ -17,7 +17,6 @@ through `FlashHead.candidates`.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -28,9 +27,15 @@ from typing import Any
 import torch
 
 from flashhead.assets import FlashHeadAssets, load_assets
+from flashhead.calibration.model import load_model
+from flashhead.calibration.ranks import (
+    ROW_BLOCK,
+    agreement_at,
+    cluster_ranks,
+    dense_topk,
+    probes_for,
+)
 from flashhead.evaluation_defaults import DEFAULT_PROBES, DEFAULT_TARGETS, FAMILIES
-
-_ROW_BLOCK = 256  # hidden states per dense-logits block: [256, 262144] fp32 = 256 MiB
 
 
 @dataclass
@@ -60,61 +65,6 @@ class EvalReport:
         return asdict(self)
 
 
-@dataclass
-class Ranks:
-    """Per hidden state: the stage-1 rank of the clusters holding the dense top-5 tokens
-    (0 = best; -1 = always scored, a special token)."""
-
-    top1: torch.Tensor  # [N] int64
-    top5: torch.Tensor  # [N, 5] int64
-
-
-def dense_topk(h: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """[N, k] token ids of the dense head's top-k logits (fp32)."""
-    w = weight.float()
-    out = []
-    for start in range(0, h.shape[0], _ROW_BLOCK):
-        logits = h[start : start + _ROW_BLOCK].float() @ w.T
-        out.append(logits.topk(k, dim=1).indices)
-    return torch.cat(out)
-
-
-def cluster_ranks(
-    stage1_scores: torch.Tensor,
-    assignments: torch.Tensor,
-    top: torch.Tensor,
-    specials: Sequence[int],
-) -> torch.Tensor:
-    """[N, k] rank of each token's cluster among the row's stage 1 scores (-1 for specials).
-
-    Ties count against the token (a cluster scoring equal to it may be picked first)."""
-    clusters = assignments[top]  # [N, k]
-    own = stage1_scores.gather(1, clusters)  # [N, k]
-    ranks = (stage1_scores.unsqueeze(1) > own.unsqueeze(2)).sum(dim=2)
-    ties = (stage1_scores.unsqueeze(1) == own.unsqueeze(2)).sum(dim=2) - 1
-    ranks = ranks + ties
-    if len(specials):
-        special = torch.isin(top, torch.tensor(list(specials), dtype=top.dtype))
-        ranks = torch.where(special, torch.full_like(ranks, -1), ranks)
-    return ranks
-
-
-def probes_for(ranks_top1: torch.Tensor, target: float) -> int | None:
-    """Smallest p with P(rank < p) >= target, i.e. the p needed for that top-1 agreement."""
-    n = ranks_top1.numel()
-    need = math.ceil(target * n - 1e-9)
-    if need <= 0:
-        return 1
-    r = ranks_top1.clamp_min(-1).sort().values
-    p = int(r[need - 1].item()) + 1
-    return max(p, 1)
-
-
-def agreement_at(ranks: torch.Tensor, p: int) -> float:
-    """Share of entries whose cluster is among the top p (exact count, not a float32 mean)."""
-    return int((ranks < p).sum()) / max(1, ranks.numel())
-
-
 class Evaluator:
     """FlashHead (torch backend) on a head weight + assets, over given hidden states."""
 
@@ -134,8 +84,8 @@ class Evaluator:
     def ranks(self, h: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         out = []
         specials = self.assets.special_token_ids
-        for start in range(0, h.shape[0], _ROW_BLOCK):
-            blk = slice(start, start + _ROW_BLOCK)
+        for start in range(0, h.shape[0], ROW_BLOCK):
+            blk = slice(start, start + ROW_BLOCK)
             out.append(
                 cluster_ranks(self.stage1(h[blk]), self.assets.assignments, top[blk], specials)
             )
@@ -144,8 +94,8 @@ class Evaluator:
     def measured(self, h: torch.Tensor, top: torch.Tensor, p: int) -> tuple[float, float]:
         """Top-1 agreement and top-5 containment through FlashHead.candidates, end to end."""
         agree = contained = 0.0
-        for start in range(0, h.shape[0], _ROW_BLOCK):
-            blk = slice(start, start + _ROW_BLOCK)
+        for start in range(0, h.shape[0], ROW_BLOCK):
+            blk = slice(start, start + ROW_BLOCK)
             cand = self.head.candidates(h[blk].float(), n_probes=p)
             best = cand.ids.gather(1, cand.scores.argmax(dim=1, keepdim=True)).squeeze(1)
             agree += float((best == top[blk, 0]).sum())
@@ -199,17 +149,7 @@ def _pct(t: float) -> str:
     return f"{100 * t:g}%"
 
 
-def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(transformers model, tokenizer) of a FlashHead (or plain HF) model folder, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-    return model, tok
-
-
-# Every text family `flashhead eval` reports (see flashhead.convert.texts for the text ones):
+# Every text family `flashhead eval` reports (see flashhead.calibration.texts for the text ones):
 # "text" is the user's --text FILE. Convert calibrates on held-out-disjoint halves of prose,
 # code, chat and self; docstrings, markdown and qa are never seen by convert at all.
 CORPORA = FAMILIES  # the name of the --corpus option
@@ -227,10 +167,10 @@ def family_hidden_states(
     progress: bool = True,
 ) -> tuple[torch.Tensor, str]:
     """([N, d] head inputs, description) of the evaluation half of `family`."""
-    from flashhead.convert.chat import chat_hidden_states, qa_hidden_states
-    from flashhead.convert.hidden import sample_hidden_states
-    from flashhead.convert.sampled import sampled_hidden_states
-    from flashhead.convert.texts import family_text
+    from flashhead.calibration.chat import chat_hidden_states, qa_hidden_states
+    from flashhead.calibration.hidden import sample_hidden_states
+    from flashhead.calibration.sampled import sampled_hidden_states
+    from flashhead.calibration.texts import family_text
 
     if family == "text":
         if text is None:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_e2e import measure  # noqa: E402
+from bench_e2e import PROMPTS, measure  # noqa: E402
 from helpers.server import VllmServer, start_all  # noqa: E402
 
 # Chosen before any run, and kept: the last three ask for rare words (a mountain, a city, a
@@ -57,6 +57,7 @@ def ask(server: VllmServer, question: str, chat: bool, tokens: int) -> str:
 
 
 def started(label: str, server: VllmServer) -> None:
+    server.bench_prompts = PROMPTS  # the decode-rate prompts of scripts/bench_e2e.py
     print(f"  {label}: vllm serve {server.name} on {server.url} (log {server.log_path})")
 
 
@@ -82,14 +83,15 @@ def main() -> int:
     start_all([audited, dense])
     rates: dict[str, dict[int, float]] = {}
     try:
-        line = next(
-            (x for x in audited.log().splitlines() if "FlashHead: serving decode steps" in x), None
-        )
-        print(f"\nserver log: {line.strip() if line else 'FlashHead did NOT serve decode steps'}")
         answers = [
             (q, ask(audited, q, args.chat, args.tokens), ask(dense, q, args.chat, args.tokens))
             for q in QUESTIONS
         ]
+        # Logged at the first decode step FlashHead serves, so only after a request.
+        line = next(
+            (x for x in audited.log().splitlines() if "FlashHead: serving decode steps" in x), None
+        )
+        print(f"\nserver log: {line.strip() if line else 'FlashHead did NOT serve decode steps'}")
         print("\n--- the same greedy questions, FlashHead and dense side by side")
         for q, flash, plain in answers:
             print(f"\nQ: {q}  [{'identical' if flash == plain else 'DIFFERENT'}]")

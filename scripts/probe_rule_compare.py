@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from flashhead.calibration.ranks import agreement_at, probes_for
 from flashhead.convert.fit import SOURCES
 from flashhead.convert.probe_count import RULES
-from flashhead.evaluation import agreement_at, probes_for
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from flashhead.assets import load_assets
+from flashhead.calibration.model import load_model
+from flashhead.calibration.ranks import cluster_ranks, dense_topk
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
 from flashhead.convert.fit import (
     Calibration,
@@ -31,7 +33,7 @@ from flashhead.convert.fit import (
     sample_calibration,
     whitening,
 )
-from flashhead.evaluation import cluster_ranks, dense_topk, family_hidden_states, load_model
+from flashhead.evaluation import family_hidden_states
 from flashhead.head import quantize_centroids
 from flashhead.kernels.reference import probe_keys
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashhead.convert.chat import (
+from flashhead.calibration.chat import (
     chat_hidden_states,
     chat_prefix,
     chat_prompts,

@@ -209,7 +209,7 @@ def _out_of_fit_ranks(h, w, a, groups):
 
 def test_probe_estimates_leave_each_source_out_of_the_fit():
     """Each source's p comes from centroids fitted on the other sources only."""
-    from flashhead.evaluation import probes_for
+    from flashhead.calibration.ranks import probes_for
 
     g, w, a = _clustered_head(seed=9, vocab=512)
     d = w.shape[1]
@@ -227,7 +227,7 @@ def test_probe_estimates_leave_each_source_out_of_the_fit():
 
 
 def test_a_single_source_is_cross_validated_in_blocks():
-    from flashhead.evaluation import probes_for
+    from flashhead.calibration.ranks import probes_for
 
     g, w, a = _clustered_head(seed=4, vocab=512)
     d = w.shape[1]
@@ -243,7 +243,7 @@ def test_leaving_a_source_out_sees_the_shift_that_unseen_text_brings():
     Rows held out of their own source look easy (the fit saw their region); with the source
     left out of the fit, the estimate shows how the ranking does on a region it never saw, and
     asks for more probes. Within-source folds would have under-probed."""
-    from flashhead.evaluation import probes_for
+    from flashhead.calibration.ranks import probes_for
 
     g, w, a = _clustered_head(seed=5, vocab=1024)
     d = w.shape[1]

@@ -109,8 +109,8 @@ def test_tied_head_uses_the_embedding(tiny_tied, tmp_path):
 
 
 def test_fit_with_auto_probes_agrees_with_the_dense_head(tiny, tmp_path):
+    from flashhead.calibration.texts import stdlib_text
     from flashhead.convert.fit import sample_calibration
-    from flashhead.convert.texts import stdlib_text
     from flashhead.evaluation import Evaluator
 
     out = tmp_path / "fh"

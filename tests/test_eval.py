@@ -12,16 +12,10 @@ import torch
 from helpers.tiny_models import cached_tiny_model
 
 from flashhead.assets import FlashHeadAssets, load_assets
+from flashhead.calibration.ranks import agreement_at, cluster_ranks, dense_topk, probes_for
 from flashhead.cli import main as cli_main
 from flashhead.convert import ConvertOptions, convert
-from flashhead.evaluation import (
-    Evaluator,
-    agreement_at,
-    cluster_ranks,
-    dense_topk,
-    format_table,
-    probes_for,
-)
+from flashhead.evaluation import Evaluator, format_table
 
 
 def _assets(centroids: torch.Tensor, assignments: torch.Tensor, specials=()) -> FlashHeadAssets:
@@ -175,7 +169,8 @@ def test_every_family_is_reported_worst_first_at_the_configured_probes(tiny_flas
 
 def test_answers_are_identical_at_all_probes_and_part_at_one(tiny_flashhead):
     from flashhead.answers import compare_answers, format_answers
-    from flashhead.evaluation import Evaluator, load_model
+    from flashhead.calibration.model import load_model
+    from flashhead.evaluation import Evaluator
 
     model, tok = load_model(tiny_flashhead)
     ev = Evaluator(model.get_output_embeddings().weight.detach(), load_assets(tiny_flashhead))

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from flashhead.convert.progress import Progress
+from flashhead.calibration.progress import Progress
 
 
 class _Terminal(io.StringIO):

@@ -1,13 +1,13 @@
-"""Text families (flashhead.convert.texts), spread token windows, and the model's own samples."""
+"""Text families (flashhead.calibration.texts), spread token windows, and the model's own samples."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flashhead.convert.hidden import token_windows
-from flashhead.convert.sampled import sampled_hidden_states
-from flashhead.convert.texts import (
+from flashhead.calibration.hidden import token_windows
+from flashhead.calibration.sampled import sampled_hidden_states
+from flashhead.calibration.texts import (
     CALIBRATION_TEXT_FAMILIES,
     TEXT_FAMILIES,
     _stdlib_modules,
@@ -79,3 +79,31 @@ def test_own_samples_are_seeded_per_split_and_leave_the_global_rng_alone(tiny):
     assert not torch.allclose(a, c)
     with pytest.raises(ValueError, match="unknown split"):
         sampled_hidden_states(model, tok, "train", n_tokens=16, progress=False)
+
+
+def test_convert_and_eval_share_calibration_and_never_import_each_other():
+    """convert -> calibration <- evaluation (issue 15): no cycle hidden in a function import."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "flashhead"
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    convert = set().union(*(imports(p) for p in (root / "convert").glob("*.py")))
+    calibration = set().union(*(imports(p) for p in (root / "calibration").glob("*.py")))
+    evaluation = imports(root / "evaluation.py") | imports(root / "answers.py")
+    assert not {m for m in convert if m.startswith(("flashhead.evaluation", "flashhead.answers"))}
+    assert not {m for m in evaluation if m.startswith("flashhead.convert")}
+    assert not {
+        m
+        for m in calibration
+        if m.startswith(("flashhead.convert", "flashhead.evaluation", "flashhead.answers"))
+    }

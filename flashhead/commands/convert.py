@@ -139,8 +139,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from flashhead.calibration.texts import read_text
     from flashhead.convert import ConvertError, ConvertOptions, convert
-    from flashhead.convert.texts import read_text
 
     if not 50.0 <= args.target_agreement < 100.0:
         print(

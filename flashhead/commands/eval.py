@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from flashhead.answers import AnswerReport, format_answers
     from flashhead.assets import FlashHeadAssetError, load_assets
-    from flashhead.convert.texts import read_text
+    from flashhead.calibration.texts import read_text
     from flashhead.evaluation import FAMILIES, evaluate, format_summary, format_table
 
     if args.answers < 0:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashhead.convert.progress import Progress
+from flashhead.calibration.progress import Progress
 
 # Elements of one [rows, clusters] score block; bounds the scratch memory (bf16: 64 MiB).
 _SCORE_BLOCK_ELEMS = 1 << 25

@@ -148,8 +148,8 @@ def left_out_ranks(
     """[N] rank of each calibration row's dense top-1 cluster under centroids fitted without
     that row's source (or, with a single source, without its `folds` block), scored as served
     (int8 centroids). `targets` and `normal` as in `fit_centroids`."""
+    from flashhead.calibration.ranks import cluster_ranks
     from flashhead.convert.clustering import centroids_for
-    from flashhead.evaluation import cluster_ranks
     from flashhead.head import quantize_centroids
     from flashhead.kernels.reference import probe_keys
 
@@ -230,11 +230,11 @@ def sample_calibration(
     calibration half of each source: `prose_tokens` positions of the stdlib prose (or of
     `text`), `code_tokens` of stdlib source code, `chat_tokens` of the model's greedy answers to
     the shipped prompts, and `sample_tokens` of its own free samples at temperature 1."""
-    from flashhead.convert.chat import chat_hidden_states, uses_chat_template
-    from flashhead.convert.hidden import sample_hidden_states
-    from flashhead.convert.sampled import sampled_hidden_states
-    from flashhead.convert.texts import family_text
-    from flashhead.evaluation import load_model
+    from flashhead.calibration.chat import chat_hidden_states, uses_chat_template
+    from flashhead.calibration.hidden import sample_hidden_states
+    from flashhead.calibration.model import load_model
+    from flashhead.calibration.sampled import sampled_hidden_states
+    from flashhead.calibration.texts import family_text
 
     model, tok = load_model(model_dir, dtype=torch.bfloat16)
     parts, sources = [], []

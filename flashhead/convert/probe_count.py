@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from flashhead.evaluation import probes_for
+from flashhead.calibration.ranks import probes_for
 
 
 def point(ranks: torch.Tensor, target: float = 0.999) -> int:

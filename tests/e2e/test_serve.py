@@ -136,7 +136,7 @@ class TestDefaultProbes:
         depend on what else shares the batch (measured: 11 of these 20 answers identical between
         one-at-a-time and 20 concurrent requests, FlashHead off), so only equal batch shapes
         compare the heads and not the batching."""
-        from flashhead.convert.chat import questions
+        from flashhead.calibration.chat import questions
 
         fh, dense = default_probe_servers
         asked = questions()[:20]

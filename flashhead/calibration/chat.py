@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from flashhead.convert.progress import Progress
-from flashhead.convert.texts import SPLITS
+from flashhead.calibration.progress import Progress
+from flashhead.calibration.texts import SPLITS
 
 # Used when the tokenizer has no chat template (e.g. some GGUF exports).
 _PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
@@ -26,7 +26,7 @@ def chat_prompts(split: str) -> list[str]:
     """The calibration or evaluation half of the shipped user prompts (every other line)."""
     if split not in SPLITS:
         raise ValueError(f"unknown prompt split {split!r} (use {' or '.join(SPLITS)})")
-    text = resources.files("flashhead.convert").joinpath("prompts.txt").read_text("utf-8")
+    text = resources.files("flashhead.calibration").joinpath("prompts.txt").read_text("utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0::2] if split == "calibration" else lines[1::2]
 
@@ -118,7 +118,7 @@ def _answer(
 def questions() -> list[str]:
     """The shipped held-out questions (`questions.txt`): short factual questions whose answers
     are names, places and numbers. Evaluation-only: convert never reads them."""
-    text = resources.files("flashhead.convert").joinpath("questions.txt").read_text("utf-8")
+    text = resources.files("flashhead.calibration").joinpath("questions.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

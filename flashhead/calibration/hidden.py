@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from flashhead.convert.progress import Progress
+from flashhead.calibration.progress import Progress
 
 
 class _Captured(Exception):

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from flashhead.convert.progress import Progress
-from flashhead.convert.texts import SPLITS
+from flashhead.calibration.progress import Progress
+from flashhead.calibration.texts import SPLITS
 
 _SEEDS = {"calibration": 0, "evaluation": 1}
 
