@@ -24,11 +24,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import wrapt
 
-from flashhead.registry import PatchSpec, Requirement
 from flashhead.signatures import SignatureSyntaxError, compare, from_callable, parse_signature
 
 __all__ = [
@@ -41,12 +40,51 @@ __all__ = [
     "PatchEngine",
     "PatchFailure",
     "PatchRecord",
+    "PatchTarget",
+    "RequiredSymbol",
     "ReplaceKind",
     "WrapKind",
     "resolve_static",
 ]
 
 logger = logging.getLogger("flashhead")
+
+
+class RequiredSymbol(Protocol):
+    """Another symbol a handler relies on; checked like the target (exists, signature)."""
+
+    @property
+    def target(self) -> str: ...  # module:Qualified.name
+    @property
+    def module(self) -> str: ...
+    @property
+    def signature(self) -> str | None: ...
+
+
+class PatchTarget(Protocol):
+    """What the engine reads of a patch. The patchset model (`registry.PatchSpec`) is one; its
+    vLLM-only fields (process, always, architectures) are the plugin's and the vLLM kinds'."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def target(self) -> str: ...  # module:Qualified.name
+    @property
+    def module(self) -> str: ...
+    @property
+    def handler(self) -> str | None: ...
+    @property
+    def signature(self) -> str | None: ...
+    @property
+    def signature_of(self) -> str | None: ...
+    @property
+    def requires(self) -> Sequence[RequiredSymbol]: ...
+    @property
+    def required(self) -> bool: ...
+    @property
+    def where(self) -> str: ...  # file:line for messages
 
 
 class Status(str, Enum):
@@ -127,7 +165,7 @@ class PatchFailure(Exception):
 class ApplyContext:
     """Everything a kind needs to install one patch."""
 
-    spec: PatchSpec
+    spec: PatchTarget
     owner: Any  # the module or class holding the attribute
     attr: str
     raw: Any  # the attribute as stored (function, staticmethod, class, ...), maybe inherited
@@ -327,7 +365,7 @@ class ReplaceKind(Kind):
 
 @dataclass(eq=False)
 class _Entry:
-    spec: PatchSpec
+    spec: PatchTarget
     record: PatchRecord
     set_id: str
     undo: Undo | None = None
@@ -359,7 +397,7 @@ class PatchEngine:
 
     def apply(
         self,
-        patches: Sequence[PatchSpec],
+        patches: Sequence[PatchTarget],
         *,
         set_id: str,
         enabled: Callable[[], bool],
@@ -383,7 +421,7 @@ class PatchEngine:
             return [e.record for e in state.entries]
 
     def record_skipped(
-        self, spec: PatchSpec, *, set_id: str, status: str, reason: str
+        self, spec: PatchTarget, *, set_id: str, status: str, reason: str
     ) -> PatchRecord:
         """Record a patch the host decided not to apply (skipped-version, skipped-process, disabled)."""
         if status not in SKIPPED_STATUSES:
@@ -580,7 +618,7 @@ def _safe_undo(entry: _Entry) -> None:
         logger.error("flashhead: undo of %s failed: %r", entry.spec.id, exc)
 
 
-def _new_record(spec: PatchSpec, set_id: str, status: str, reason: str = "") -> PatchRecord:
+def _new_record(spec: PatchTarget, set_id: str, status: str, reason: str = "") -> PatchRecord:
     return PatchRecord(
         set_id, spec.id, spec.kind, spec.target, spec.required, Status(status), reason, spec.where
     )
@@ -658,7 +696,7 @@ def _is_declared_field(target: str) -> bool:
     return any(attr in vars(klass).get("__annotations__", {}) for klass in obj.__mro__)
 
 
-def _check_requirement(req: Requirement) -> None:
+def _check_requirement(req: RequiredSymbol) -> None:
     _import(req.module)
     try:
         owner, attr, raw, _own = resolve_static(req.target)

@@ -122,7 +122,10 @@ class RegisterArchitectureKind(Kind):
                         registry.models[new] = before
 
         try:
-            for new, base in ctx.spec.architectures.items():
+            # A vLLM-only field of the patchset model (registry.PatchSpec): the engine's
+            # PatchTarget does not carry it.
+            architectures = getattr(ctx.spec, "architectures", {})
+            for new, base in architectures.items():
                 if base not in supported:
                     missing[new] = base
                     continue

@@ -550,3 +550,17 @@ def test_kinds_must_implement_apply_and_statuses_are_the_documented_names():
     assert PatchFailure("missing-target", "x").status is Status.MISSING_TARGET
     with pytest.raises(ValueError, match="'no-such-status'"):
         PatchFailure("no-such-status", "x")
+
+
+def test_the_engine_knows_no_patchset_model_and_no_vllm():
+    """It reads a small PatchTarget; the YAML model and vLLM are the plugin's business."""
+    import ast
+    from pathlib import Path
+
+    import flashhead.engine as engine_module
+
+    tree = ast.parse(Path(engine_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not {m for m in imported if m and m.startswith(("flashhead.registry", "vllm"))}
