@@ -80,3 +80,12 @@ def test_the_cli_parser_imports_neither_torch_nor_numpy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_every_package_of_the_source_tree_is_in_the_wheel(wheel_names):
+    """A new subpackage (flashhead/engine/, flashhead/patchset/, ...) must be listed in
+    pyproject's packages, or `pip install flashhead` lacks it."""
+    names, _ = wheel_names
+    root = REPO / "flashhead"
+    wanted = {"flashhead/" + p.relative_to(root).as_posix() for p in root.rglob("__init__.py")}
+    assert sorted(wanted - set(names)) == []
