@@ -1,7 +1,8 @@
 """The patchset registry: the public names of ``flashhead.patchset`` (model, load, select).
 
-Modules: ``patchset.model`` (what a file holds), ``patchset.validate`` (YAML nodes -> model,
-every problem with its line), ``patchset.load`` (files and directories), ``patchset.select``
+Modules: ``patchset.schema`` (the file schema as pydantic models), ``patchset.model`` (what a
+loaded file holds), ``patchset.validate`` (YAML nodes -> schema -> model, every problem with its
+line), ``patchset.load`` (files and directories), ``patchset.select``
 (the file for a release; disjoint, non-empty ranges).
 """
 
@@ -16,6 +17,14 @@ from flashhead.patchset.load import (
     patchset_dir,
 )
 from flashhead.patchset.model import (
+    LoadResult,
+    PatchSet,
+    PatchsetError,
+    PatchSpec,
+    Problem,
+    Requirement,
+)
+from flashhead.patchset.schema import (
     HANDLER_PACKAGE,
     KINDS,
     KINDS_NEEDING_SIGNATURE,
@@ -26,12 +35,7 @@ from flashhead.patchset.model import (
     SUPPORT_KEYS,
     SUPPORT_VALUES,
     TOP_FIELDS,
-    LoadResult,
-    PatchSet,
-    PatchsetError,
-    PatchSpec,
-    Problem,
-    Requirement,
+    json_schema,
 )
 from flashhead.patchset.select import check_ranges, select_patchset
 
@@ -54,6 +58,7 @@ __all__ = [
     "Problem",
     "Requirement",
     "check_ranges",
+    "json_schema",
     "default_patchset_dir",
     "load_patchset",
     "load_patchsets",

@@ -55,6 +55,7 @@ def test_kernels_compat_and_patchsets_are_mapped_into_the_package(wheel_names):
         "flashhead/compat/version.py",
         "flashhead/handlers/logits.py",
         "flashhead/patchsets/support.json",
+        "flashhead/patchsets/schema.json",
     ):
         assert module in names
     shipped = {

@@ -6,6 +6,7 @@
 - `new`: scaffold the next range from an existing file, re-reading every signature from the new
   release and marking each change with a YAML comment.
 - `table`: the support table (release x patchset / checks / runners / spec decode).
+- `schema`: the JSON schema of a patchset file (``patchsets/schema.json``, for editors).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flashhead.version_ranges import spec_text
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "patchsets",
-        help="maintainers' tools: check, new, table",
+        help="maintainers' tools: check, new, table, schema",
         description="Maintainers' tools for the patchset YAML files.",
     )
     sub = parser.add_subparsers(dest="patchsets_command", metavar="ACTION")
@@ -79,6 +80,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--check-readme", metavar="README", help="exit 1 when the README's block is stale"
     )
     table.set_defaults(func=run_table)
+
+    schema = sub.add_parser(
+        "schema",
+        help="the JSON schema of a patchset file (patchsets/schema.json)",
+        description="Print the JSON schema of a patchset file, generated from the pydantic "
+        "models that validate it. Editors with a YAML language server complete and check the "
+        "files with it.",
+    )
+    written = schema.add_mutually_exclusive_group()
+    written.add_argument("--write", metavar="FILE", help="write it to FILE")
+    written.add_argument("--check", metavar="FILE", help="exit 1 when FILE is not up to date")
+    schema.set_defaults(func=run_schema)
 
 
 def _add_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -336,4 +349,30 @@ def run_table(args: argparse.Namespace) -> int:
         print(f"{path}: support table updated ({len(rows)} releases)")
         return 0
     print(markdown if args.markdown else support_table.render_text(rows), end="")
+    return 0
+
+
+# ---- schema ----------------------------------------------------------------------------------
+def run_schema(args: argparse.Namespace) -> int:
+    from flashhead.patchset.schema import json_schema_text
+
+    text = json_schema_text()
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+        print(f"wrote {args.write}")
+        return 0
+    if args.check:
+        try:
+            current = Path(args.check).read_text(encoding="utf-8")
+        except OSError as exc:
+            return _fail(f"schema: cannot read {args.check}: {exc}")
+        if current != text:
+            print(
+                f"{args.check} is not the schema of the models; "
+                f"run: flashhead patchsets schema --write {args.check}"
+            )
+            return 1
+        print(f"{args.check} is up to date")
+        return 0
+    sys.stdout.write(text)
     return 0

@@ -1,9 +1,8 @@
-"""The patchset model: what a validated `patchsets/vllm-X.Y.yaml` file holds, and the schema's
-vocabulary (kinds, fields, support keys)."""
+"""The loaded patchset: what a validated `patchsets/vllm-X.Y.yaml` file holds, with the file
+and line of every patch (the schema itself is `schema.py`'s pydantic models)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,44 +10,8 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from flashhead.patchset.schema import SCHEMA_VERSION
 from flashhead.version_ranges import spec_text
-
-SCHEMA_VERSION = 1
-KINDS = ("wrap", "replace", "register_oot", "register_architecture")
-# Kinds whose handler is a callable named in YAML.
-KINDS_WITH_HANDLER = ("wrap", "replace", "register_oot")
-# Kinds whose live signature must be declared: the patch calls or replaces the target.
-KINDS_NEEDING_SIGNATURE = ("wrap", "replace")
-SERVE_VALUES = ("flashhead", "dense")
-SUPPORT_KEYS = ("v1_runner", "v2_runner", "spec_decode")
-SUPPORT_VALUES = ("flashhead", "dense", "absent")
-HANDLER_PACKAGE = "flashhead"
-
-TOP_FIELDS = ("schema", "vllm", "description", "serve", "reason", "support", "patches")
-PATCH_FIELDS = (
-    "id",
-    "kind",
-    "target",
-    "handler",
-    "signature",
-    "signature_of",
-    "requires",
-    "architectures",
-    "always",
-    "process",
-    "required",
-    "why",
-    "remove_when",
-)
-REQUIRES_FIELDS = ("target", "signature")
-
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
-TARGET_RE = re.compile(rf"^(?P<module>{_DOTTED}):(?P<qualname>{_DOTTED})$")
-DOTTED_RE = re.compile(rf"^{_DOTTED}$")
-ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-IDENT_RE = re.compile(rf"^{_IDENT}$")
-
 
 # --------------------------------------------------------------------------------------------
 # Data model
