@@ -12,6 +12,7 @@ file lock and published with an atomic rename, so readers never see a half-extra
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -164,6 +165,11 @@ def _pip_finder(*, quiet: bool):
         with warnings.catch_warnings():
             # setuptools' distutils shim warns when pip's import order trips it; not ours to fix.
             warnings.simplefilter("ignore", UserWarning)
+            # pip imports the stdlib distutils; a later setuptools import in the same process
+            # (torch.utils.cpp_extension does one) then fails its shim's assertion. Importing
+            # setuptools first makes both use setuptools' copy.
+            with contextlib.suppress(ImportError):
+                import setuptools  # noqa: F401
             from pip._internal.commands import create_command
 
             cmd = create_command("download")
