@@ -37,18 +37,24 @@ def quantize_centroids(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return cent_q, scale
 
 
-def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
-    """Cluster-major copy of the head (the one extra copy), slot ids and int8 centroids."""
-    vocab, d = assets.vocab_size, assets.hidden_size
-    if weight.dim() != 2 or weight.shape[0] < vocab or weight.shape[1] != d:
-        raise ValueError(
-            f"FlashHead.build: head weight {list(weight.shape)} does not fit the assets "
-            f"(V={vocab}, d={d}); expected [>= {vocab}, {d}] (padded rows beyond V are ignored)"
-        )
-    if not weight.is_floating_point():
-        raise ValueError(f"FlashHead.build: head weight must be floating point, got {weight.dtype}")
-    device = weight.device
-    w = weight[:vocab]
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where every token sits in the cluster-major order: `n_clusters` blocks of `cluster_size`
+    slots, then the always-probed special-token blocks. Depends on the assets only."""
+
+    slot_ids: torch.Tensor  # [c_ext * s] int32 token per slot, -1 = padding
+    slot_home: torch.Tensor  # [c_ext * s] int32 home cluster of a special slot's token, else -1
+    n_clusters: int
+    cluster_size: int
+    n_special_clusters: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_clusters + self.n_special_clusters
+
+
+def slot_layout(assets: FlashHeadAssets, device: torch.device | str = "cpu") -> SlotLayout:
+    vocab = assets.vocab_size
     assign = assets.assignments.to(device)
     c = assets.n_clusters
     sizes = torch.bincount(assign, minlength=c)
@@ -64,25 +70,38 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
     slot_ids = torch.full((c_ext * s,), -1, dtype=torch.int32, device=device)
     slot_ids[slot_of_token] = order.to(torch.int32)
     slot_home = torch.full((c_ext * s,), -1, dtype=torch.int32, device=device)
-
-    wc = torch.zeros(c_ext * s, d, dtype=w.dtype, device=device)
-    wc[slot_of_token] = w[order]
     if n_spc:
         tail = torch.arange(len(specials), device=device) + c * s
         slot_ids[tail] = specials.to(torch.int32)
         slot_home[tail] = assign[specials].to(torch.int32)
-        wc[tail] = w[specials]
+    return SlotLayout(slot_ids, slot_home, c, s, n_spc)
 
+
+def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
+    """Cluster-major copy of the head (the one extra copy), slot ids and int8 centroids."""
+    vocab, d = assets.vocab_size, assets.hidden_size
+    if weight.dim() != 2 or weight.shape[0] < vocab or weight.shape[1] != d:
+        raise ValueError(
+            f"FlashHead.build: head weight {list(weight.shape)} does not fit the assets "
+            f"(V={vocab}, d={d}); expected [>= {vocab}, {d}] (padded rows beyond V are ignored)"
+        )
+    if not weight.is_floating_point():
+        raise ValueError(f"FlashHead.build: head weight must be floating point, got {weight.dtype}")
+    device = weight.device
+    layout = slot_layout(assets, device)
+    filled = layout.slot_ids >= 0
+    wc = torch.zeros(layout.slot_ids.numel(), d, dtype=weight.dtype, device=device)
+    wc[filled] = weight[layout.slot_ids[filled].to(torch.int64)]
     cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
     return ClusterIndex(
         wc=wc,
-        slot_ids=slot_ids,
-        slot_home=slot_home,
+        slot_ids=layout.slot_ids,
+        slot_home=layout.slot_home,
         cent_q=cent_q.contiguous(),
         cent_scale=scale.contiguous(),
-        n_clusters=c,
-        cluster_size=s,
-        n_special_clusters=n_spc,
+        n_clusters=layout.n_clusters,
+        cluster_size=layout.cluster_size,
+        n_special_clusters=layout.n_special_clusters,
     )
 
 
@@ -119,7 +138,7 @@ def draw_gumbel(
     return noise
 
 
-def _inverse_temperature(
+def inverse_temperature(
     temperature: torch.Tensor | None, n_rows: int, device
 ) -> torch.Tensor | None:
     if temperature is None:
@@ -220,7 +239,7 @@ class FlashHead:
 
     def _run(self, h, n_probes, temperature, generators, want_tokens, want_scores=True):
         """Both stages on `h` already through `_check_h` (checked once per public call)."""
-        inv_t = _inverse_temperature(temperature, h.shape[0], h.device)
+        inv_t = inverse_temperature(temperature, h.shape[0], h.device)
         probes = self._probes(h, n_probes, inv_t, generators, temperature)
         tok_noise = None
         if want_tokens:
@@ -344,7 +363,7 @@ class FlashHead:
         noise = draw_gumbel(h.shape[0], self.vocab_size, temperature, generators, h.device)
         if noise is None:
             return logits.argmax(dim=1)  # in the head dtype, exactly what the dense head does
-        inv_t = _inverse_temperature(temperature, h.shape[0], h.device).unsqueeze(1)
+        inv_t = inverse_temperature(temperature, h.shape[0], h.device).unsqueeze(1)
         logits = logits.float()
         return torch.where(inv_t > 0, logits * inv_t + noise, logits).argmax(dim=1)
 
@@ -361,4 +380,12 @@ class FlashHead:
         }
 
 
-__all__ = ["Candidates", "FlashHead", "build_index", "candidate_ids", "draw_gumbel"]
+__all__ = [
+    "Candidates",
+    "FlashHead",
+    "SlotLayout",
+    "build_index",
+    "candidate_ids",
+    "draw_gumbel",
+    "slot_layout",
+]

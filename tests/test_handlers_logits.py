@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -263,14 +264,33 @@ def test_quantized_head_is_dense(model, monkeypatch, caplog):
     assert any("quantized lm_head" in r.getMessage() for r in caplog.records)
 
 
-def test_tensor_parallel_head_is_dense(model):
+@pytest.mark.parametrize(
+    "indices, why",
+    [
+        (None, "does not say which tokens this rank holds"),
+        (
+            SimpleNamespace(org_vocab_start_index=0, org_vocab_end_index=V, num_added_elements=8),
+            "added vocabulary",
+        ),
+    ],
+)
+def test_a_tensor_parallel_shard_it_cannot_serve_is_dense_with_the_reason(
+    model, indices, why, caplog, monkeypatch
+):
+    # The sharded head itself runs on real process groups (tests/kernels/test_sharded_head.py,
+    # tests/e2e/test_tensor_parallel.py); here: the shards it must refuse.
     _, head = model
     head.tp_size = 2
+    if indices is not None:
+        head.shard_indices = indices
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
     proc = make_logits_processor(FakeLogitsProcessor, None)(V)
     h = torch.randn(2, D)
-    with plan_scope(greedy_plan(2)):
+    with caplog.at_level(logging.WARNING, logger="flashhead.test"), plan_scope(greedy_plan(2)):
         out = proc(head, h)
     assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+    assert any(why in r.getMessage() for r in caplog.records), caplog.records
 
 
 def test_padded_lm_head_uses_first_vocab_rows(model):

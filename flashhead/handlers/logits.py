@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ from flashhead.handlers.model_context import (
 )
 from flashhead.handlers.plan import NO_PLAN, DenseReason, RowKind, StepPlan, plan_for_rows
 from flashhead.handlers.shadow import ShadowCheck, count_and_shadow
+from flashhead.handlers.tensor_parallel import (
+    build_sharded_head,
+    counts_rows,
+    describe_shard,
+    is_sharded,
+    shard_dense_reason,
+    tp_size,
+)
+from flashhead.sharded_head import ShardMismatch
 
 _log = logging.getLogger(__name__)
 
@@ -120,6 +130,8 @@ class _FlashHeadState:
         self.dense_reason = DenseReason("")
 
     def count(self, path: str, reason: str, n: int) -> None:
+        if not counts_rows():
+            return
         try:
             metrics.counters().count_rows(self.model_name, path, reason, n)
         except Exception as exc:  # counting must never cost an answer
@@ -146,13 +158,22 @@ class _FlashHeadState:
             return self._primary_head(key)
         if self.head is not None and key == self.weight_key:
             return self.head
+        if self.dense_reason.label in ("tp_mismatch", "build_error"):
+            return None  # once is enough: dense for good (on every TP rank alike)
         reason = _dense_head_reason(lm_head, weight, vocab_size, self.assets)
         if reason:
             self.dense_reason = reason
             return None
-        from flashhead.head import FlashHead
+        try:
+            if tp_size(lm_head) > 1:
+                self.head = build_sharded_head(lm_head, weight, self.assets)
+            else:
+                from flashhead.head import FlashHead
 
-        self.head = FlashHead.build(weight[:vocab_size], self.assets)
+                self.head = FlashHead.build(weight[:vocab_size], self.assets)
+        except Exception as exc:
+            self.dense_reason = DenseReason(f"building FlashHead failed: {exc!r}", "build_error")
+            raise
         self.weight_key = key
         return self.head
 
@@ -182,11 +203,9 @@ class _FlashHeadState:
 def _dense_head_reason(
     lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any
 ) -> DenseReason:
-    if int(getattr(lm_head, "tp_size", 1) or 1) > 1:
-        return DenseReason(
-            "tensor parallel lm_head (TP > 1): FlashHead serves single-rank heads only",
-            "tensor_parallel",
-        )
+    sharded = tp_size(lm_head) > 1
+    if sharded and (reason := shard_dense_reason(lm_head, weight, vocab_size)):
+        return reason
     quant = getattr(lm_head, "quant_method", None)
     if quant is not None and type(quant).__name__ not in (
         "UnquantizedEmbeddingMethod",
@@ -202,7 +221,7 @@ def _dense_head_reason(
             "head_unsupported",
         )
     n_assigned = int(assets.assignments.shape[0])
-    if n_assigned != vocab_size or weight.shape[0] < vocab_size:
+    if n_assigned != vocab_size or (weight.shape[0] < vocab_size and not sharded):
         return DenseReason(
             f"cluster assignments cover {n_assigned} tokens, the model's vocabulary is "
             f"{vocab_size} (lm_head has {weight.shape[0]} rows)",
@@ -287,7 +306,22 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     plan,
                     stock,
                     _candidate_transform(self.scale, self.soft_cap),
-                ).to(hidden_states.dtype)
+                )
+                if logits is None:  # a later TP rank, where vLLM's gather returns nothing
+                    return None
+                logits = logits.to(hidden_states.dtype)
+            except ShardMismatch as exc:  # raised on every rank together: all go dense
+                state.head, state.dense_reason = None, DenseReason(str(exc), "tp_mismatch")
+                log_once(
+                    "tp-mismatch",
+                    logging.ERROR,
+                    "FlashHead: %s is served dense from now on: %s",
+                    state.model,
+                    exc,
+                )
+                if counted:
+                    state.count("dense", "tp_mismatch", n_rows)
+                return stock(hidden_states)
             except Exception as exc:
                 log_once(
                     f"error:{type(exc).__name__}",
@@ -312,6 +346,8 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     int(getattr(head, "n_probes", -1)),
                 )
             elif not plan.source.endswith("dummy"):
+                if is_sharded(head):
+                    log_once("tp", logging.INFO, "FlashHead: %s", describe_shard(head))
                 log_once(
                     "serving",
                     logging.INFO,
@@ -347,6 +383,9 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                         state.model,
                         plan.num_rows,
                     )
+            if is_sharded(head) and not getattr(self, "use_all_gather", True):
+                # The stock head gathers to the first rank only; the others return nothing.
+                return logits if head.comm.rank == 0 else None
             return logits
 
         if has_skip_gather:
@@ -401,7 +440,12 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     from flashhead.settings import settings
 
     opts = settings()  # its problems are logged by the plugin, once per process
-    shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement) if opts.shadow > 0 else None
+    # A fixed seed per model: tensor-parallel ranks must shadow the same rows (each shadowed
+    # row is a collective there).
+    seed = zlib.crc32(model.encode())
+    shadow = (
+        ShadowCheck(opts.shadow, opts.shadow_min_agreement, seed=seed) if opts.shadow > 0 else None
+    )
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     state.build_context, speculative = build_context()
     if speculative:  # a drafter is built under the target's config, after the target
@@ -423,11 +467,13 @@ def _plan_logits(
     plan: StepPlan,
     stock: Callable[[torch.Tensor], torch.Tensor | None],
     transform: Callable | None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Full-vocabulary logits for one call: FlashHead rows from ``head``, dense rows from
     ``stock``."""
     flash_rows = plan.flash_rows()
     num_rows = int(hidden_states.shape[0])
+    if is_sharded(head) and head.uses_dense(len(flash_rows), hidden_states.device):
+        return stock(hidden_states)  # a rank holds no whole head: the dense path is vLLM's
     all_flash = len(flash_rows) == num_rows
     flash_h = hidden_states if all_flash else hidden_states[flash_rows]
     temperature = None

@@ -24,6 +24,7 @@ import torch
 
 from flashhead import metrics
 from flashhead.handlers.plan import RowKind, StepPlan
+from flashhead.handlers.tensor_parallel import counts_rows
 from flashhead.settings import GUARD_MIN_ROWS, GUARD_WINDOW
 
 
@@ -117,7 +118,8 @@ def count_and_shadow(
     except Exception as exc:  # the check must never cost an answer
         log_once("shadow-error", logging.ERROR, "FlashHead: shadow check failed: %r", exc)
         return
-    metrics.counters().count_shadow(state.model_name, n, agree, contained)
+    if counts_rows():  # tensor parallel: every rank shadows the same rows; one counts them
+        metrics.counters().count_shadow(state.model_name, n, agree, contained)
     reason = shadow.check_guard()
     if reason:
         metrics.counters().set_fallback(state.model_name, True)

@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers.random_heads import random_assets
+
 KERNEL_TEST_ENV = {
     "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"),
     # The CPU torch backend compiles its gather-dot per shape (~15 s each); these tests use many
@@ -54,36 +56,6 @@ def kernel_device() -> torch.device:
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return kernel_device()
-
-
-def random_assets(
-    vocab: int,
-    hidden: int,
-    n_clusters: int,
-    *,
-    n_probes: int,
-    specials: list[int] | None = None,
-    unequal: bool = False,
-    seed: int = 0,
-):
-    """(weight [V, d] float32, FlashHeadAssets) with clustered structure: tokens are noisy copies
-    of their cluster's centroid, so the centroid ranking predicts the token ranking."""
-    from pathlib import Path
-
-    from flashhead.assets import FlashHeadAssets
-
-    gen = torch.Generator().manual_seed(seed)
-    assign = torch.randperm(vocab, generator=gen) % n_clusters
-    if unequal:
-        assign[assign == 0] = torch.where(torch.arange(int((assign == 0).sum())) % 2 == 0, 0, 1)
-    centers = torch.randn(n_clusters, hidden, generator=gen)
-    weight = centers[assign] + 0.5 * torch.randn(vocab, hidden, generator=gen)
-    centroids = torch.stack([weight[assign == i].mean(0) for i in range(n_clusters)])
-    assets = FlashHeadAssets(
-        model_dir=Path("."), cache_dir=Path("."), centroids=centroids, assignments=assign,
-        n_probes=n_probes, special_token_ids=sorted(specials or []),
-    )  # fmt: skip
-    return weight, assets
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,140 @@
+"""Tensor parallel (TP=2) on `vllm serve`: each rank holds half of the vocab-parallel head, and
+FlashHead serves it with the sharded head (flashhead/sharded_head.py): replicated stage 1, rank-
+owned clusters, one all-reduce of the candidate scores per step.
+
+Three tiny-Llama servers in fp32 at --tensor-parallel-size 2 (one core per worker): the dense
+reference (FLASHHEAD_ENABLED=0), the all-clusters FlashHead model (exact: must equal it token for
+token) and the one-sixteenth-of-the-clusters model (must differ, and both ranks must say they
+served it). Compared against TP=2 dense, not TP=1: the reductions differ between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers.server import VllmServer, run_concurrently, start_all
+
+from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+
+TP2 = ("--dtype", "float32", "--tensor-parallel-size", "2")
+ONE_CORE_EACH = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+PROMPTS = [
+    "one two three four one two three four",
+    "def add(a, b):\n    return a + b\n\ndef",
+    "The capital of France is",
+    "red green blue red green",
+    "Once upon a time there",
+    "1, 2, 3, 5, 8, 13,",
+]
+N_TOKENS = 24
+RANK_LINE = re.compile(
+    r"FlashHead: tensor parallel rank (\d) of 2: owns (\d+) rows, FlashHead adds [\d.]+ MiB "
+    r"\(([\d.]+)x this rank's head shard\)"
+)
+
+
+@pytest.fixture(scope="module")
+def tp_servers(tiny_models, e2e_logs):
+    all_clusters, sixteenth = tiny_models["llama-fh-all"], tiny_models["llama-fh"]
+    servers = {
+        "dense": VllmServer(
+            all_clusters,
+            e2e_logs / "tp2-dense.log",
+            env={**ONE_CORE_EACH, "FLASHHEAD_ENABLED": "0"},
+            args=TP2,
+        ),
+        "all": VllmServer(
+            all_clusters, e2e_logs / "tp2-all.log", env={**ONE_CORE_EACH, **NEVER_DENSE}, args=TP2
+        ),
+        "one": VllmServer(sixteenth, e2e_logs / "tp2-one.log", env=ONE_CORE_EACH, args=TP2),
+    }
+    start_all(list(servers.values()))
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def _greedy(server: VllmServer) -> list[list[int]]:
+    # One request at a time: the same batch shapes on every server.
+    return [server.greedy_ids([p], N_TOKENS)[0] for p in PROMPTS]
+
+
+def test_all_clusters_equal_tp2_dense_token_for_token(tp_servers):
+    dense = _greedy(tp_servers["dense"])
+    assert _greedy(tp_servers["all"]) == dense
+    log = tp_servers["all"].log()
+    assert_flashhead_path_only(log)
+    assert sorted(m.group(1) for m in RANK_LINE.finditer(log)) == ["0", "1"], log[-3000:]
+    assert "served dense" not in log, log[-3000:]
+
+
+def test_one_sixteenth_differs_and_both_ranks_serve_it(tp_servers):
+    one = _greedy(tp_servers["one"])
+    assert one != _greedy(tp_servers["dense"])
+    log = tp_servers["one"].log()
+    ranks = {m.group(1): m for m in RANK_LINE.finditer(log)}
+    assert sorted(ranks) == ["0", "1"], log[-3000:]
+    vocab = json.loads((Path(tp_servers["one"].model) / "config.json").read_text())["vocab_size"]
+    for m in ranks.values():
+        assert abs(int(m.group(2)) - vocab / 2) <= 0.01 * vocab  # about V / 2 rows per rank
+        assert float(m.group(3)) <= 1.1  # clusters of 16: centroids add 1/32 of the shard
+    assert "served dense" not in log and "FlashHead: error" not in log, log[-3000:]
+
+
+def test_rows_are_counted_once_not_per_rank(tp_servers):
+    from flashhead.server_report import parse_reports
+
+    server = tp_servers["one"]
+
+    def flash_rows() -> int:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            reports = parse_reports(r.read().decode())
+        return sum(rep.rows.get("flashhead", 0) for rep in reports.values())
+
+    before = flash_rows()
+    server.greedy_ids(PROMPTS[:1], 20)
+    for _ in range(20):  # the counters reach /metrics through a file written every ~0.5 s
+        grown = flash_rows() - before
+        if grown >= 19:
+            break
+        time.sleep(0.5)
+    # 20 tokens: the prefill row plus 19 decode rows, each counted by one rank only.
+    assert 19 <= grown <= 20, grown
+
+
+def test_seeded_sampling_repeats_and_mixed_load_is_valid(tp_servers):
+    server = tp_servers["one"]
+    vocab = json.loads((Path(server.model) / "config.json").read_text())["vocab_size"]
+
+    def sample(prompt: str, **params) -> list[int]:
+        body = {"max_tokens": N_TOKENS, "ignore_eos": True, **params}
+        return list(server.complete(prompt, **body)["choices"][0]["token_ids"])
+
+    seeded = [sample(p, temperature=0.8, seed=7) for p in PROMPTS[:3]]
+    assert [sample(p, temperature=0.8, seed=7) for p in PROMPTS[:3]] == seeded
+    assert seeded != [sample(p, temperature=0.0) for p in PROMPTS[:3]]
+
+    def request(i: int) -> dict:
+        kind = i % 3
+        params: dict = {"max_tokens": 12}
+        if kind == 0:
+            params.update(temperature=0.0)
+        elif kind == 1:
+            params.update(temperature=0.9, seed=i)
+        else:
+            params.update(temperature=0.0, logprobs=2)
+        choice = server.complete(PROMPTS[i % len(PROMPTS)], **params)["choices"][0]
+        return {"kind": kind, "choice": choice}
+
+    for r in run_concurrently([lambda i=i: request(i) for i in range(24)]):
+        ids = r["choice"]["token_ids"]
+        assert ids and all(0 <= t < vocab for t in ids), r
+        if r["kind"] == 2:
+            assert len(r["choice"]["logprobs"]["top_logprobs"]) == len(ids), r

@@ -1,0 +1,102 @@
+"""The sharded (vocab-parallel) FlashHead on a real torch.distributed (gloo) group of processes:
+every rank returns the single-rank FlashHead's logits, holds about V / world rows, and a rank
+that probes other clusters stops all ranks together. One process group per world size runs
+all its cases (starting processes is the slow part)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from flashhead.sharded_head import cluster_owner
+from tests.helpers import tp_worker
+
+BASE = {"vocab": 500, "hidden": 32, "clusters": 40, "probes": 6, "rows": 5}
+CASES = {
+    2: {
+        "greedy": {"specials": [0, 7, 499], "unequal": True, "exchange_rows": 13},
+        "sampled": {"temperature": [0.0, 0.7, 1.0, 1.5, 0.0]},
+        "plain": {},
+        "memory": {"vocab": 4000, "clusters": 250, "hidden": 64, "probes": 8},
+        "perturbed": {"perturb_rank": 1},
+    },
+    3: {"greedy": {"specials": [0, 7, 499], "unequal": True, "exchange_rows": 13}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{world: {case: [result of rank 0, rank 1, ...]}}"""
+    out = {}
+    for world, cases in CASES.items():
+        folder = tmp_path_factory.mktemp(f"tp{world}")
+        full = {name: {**BASE, **case} for name, case in cases.items()}
+        mp.start_processes(
+            tp_worker.run,
+            args=(world, _free_port(), full, str(folder)),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
+        )
+        errors = sorted(folder.glob("rank*.err"))
+        assert not errors, errors[0].read_text()
+        out[world] = {
+            name: [torch.load(folder / f"{name}.rank{r}.pt") for r in range(world)]
+            for name in cases
+        }
+    return out
+
+
+def assert_same_logits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), "different candidate sets"
+    finite = torch.isfinite(b)
+    assert finite.sum() > 0
+    torch.testing.assert_close(a[finite], b[finite], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_every_rank_returns_the_single_rank_logits(results, world):
+    # specials, clusters of unequal size, and many small exchange rounds
+    for rank in results[world]["greedy"]:
+        assert "mismatch" not in rank
+        assert_same_logits(rank["sharded"], rank["single"])
+
+
+def test_seeded_sampled_rows_draw_the_single_rank_clusters(results):
+    sampled, greedy = results[2]["sampled"], results[2]["plain"]
+    for rank in sampled:
+        assert_same_logits(rank["sharded"], rank["single"])
+    # The draw mattered: the sampled rows (1-3) probe other clusters than the same rows greedy.
+    rows = slice(1, 4)
+    assert not torch.equal(
+        torch.isinf(sampled[0]["sharded"][rows]), torch.isinf(greedy[0]["sharded"][rows])
+    )
+    assert torch.equal(  # the greedy rows (0, 4) do not
+        torch.isinf(sampled[0]["sharded"][[0, 4]]), torch.isinf(greedy[0]["sharded"][[0, 4]])
+    )
+
+
+def test_each_rank_holds_its_share_of_the_rows(results):
+    for rank in results[2]["memory"]:
+        assert 1900 <= rank["owned_rows"] <= 2100  # about V / world, never the whole head
+        # Beyond the replicated int8 centroids: the owned rows and slot ids, about one shard.
+        rows_and_ids = rank["extra_bytes"] - rank["centroid_bytes"]
+        assert rows_and_ids <= 1.1 * rank["shard_bytes"], (rows_and_ids, rank["shard_bytes"])
+
+
+def test_ranks_that_probe_differently_stop_together(results):
+    assert all("different clusters" in r.get("mismatch", "") for r in results[2]["perturbed"])
+
+
+def test_cluster_owner_balances_and_gives_specials_to_rank_zero():
+    owner = cluster_owner(10, 2, 3)
+    assert owner.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0]
