@@ -14,8 +14,14 @@ API server, another process, serves ``/metrics``. The channel between them:
   atomically). A scrape sums the files.
 
 Two servers never share a directory (each creates its own), and nothing is written to a fixed
-path. vLLM's multiprocess Prometheus mode (``--api-server-count`` > 1) serves another registry:
-FlashHead's metrics are not shown there (the doctor says so when it finds none).
+path.
+
+vLLM's multiprocess Prometheus mode (several API servers: ``--api-server-count`` > 1, which
+``--data-parallel-size`` N implies) serves a fresh registry per scrape that reads
+prometheus_client's own per-process files in ``PROMETHEUS_MULTIPROC_DIR``, and never the default
+registry. There the counting processes, which inherit that variable, also keep their counters
+as prometheus_client metrics (`_NativeMetrics`): vLLM's own channel, summed across processes
+by prometheus_client, with no second reader to keep.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ SHADOW_ROWS = "flashhead_shadow_rows"
 SHADOW_TOP1_AGREE = "flashhead_shadow_top1_agree"
 SHADOW_TOP5_CONTAINED = "flashhead_shadow_top5_contained"
 FALLBACK_ACTIVE = "flashhead_fallback_active"
+HEADS = "flashhead_heads"
+# `layout` label values of HEADS: a whole head in one process, or one rank's vocab shard.
+LAYOUT_SINGLE, LAYOUT_TENSOR_PARALLEL = "single", "tensor_parallel_rank"
 
 HELP = {
     DECODE_ROWS: "Logits rows of FlashHead models, by path (flashhead or dense) and dense reason.",
@@ -43,11 +52,40 @@ HELP = {
     SHADOW_TOP1_AGREE: "Shadow rows whose FlashHead top-1 equals the dense top-1.",
     SHADOW_TOP5_CONTAINED: "Shadow rows whose dense top-1 is in FlashHead's top-5.",
     FALLBACK_ACTIVE: "1 once the shadow guard serves the model dense (FLASHHEAD_SHADOW_MIN_AGREEMENT).",
+    HEADS: "FlashHead heads built for the model, by layout: one per single-rank worker (one per "
+    "data-parallel engine), one per tensor-parallel rank.",
 }
 SHADOW_COUNTERS = (SHADOW_ROWS, SHADOW_TOP1_AGREE, SHADOW_TOP5_CONTAINED)
 
+PROMETHEUS_MULTIPROC_DIR = (
+    "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's variable (vLLM sets it), not ours
+)
+
 FLUSH_INTERVAL_S = 0.25
 _FILE_PREFIX = "worker-"
+
+
+class _NativeMetrics:
+    """The same series as prometheus_client metrics, for vLLM's multiprocess mode (in a process
+    started with PROMETHEUS_MULTIPROC_DIR, prometheus_client writes them to that directory)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.rows = Counter(
+            DECODE_ROWS, HELP[DECODE_ROWS], ["model_name", "path", "reason"], registry=None
+        )
+        self.shadow = [Counter(n, HELP[n], ["model_name"], registry=None) for n in SHADOW_COUNTERS]
+        self.fallback = Gauge(
+            FALLBACK_ACTIVE,
+            HELP[FALLBACK_ACTIVE],
+            ["model_name"],
+            registry=None,
+            multiprocess_mode="max",
+        )
+        self.heads = Gauge(
+            HEADS, HELP[HEADS], ["model_name", "layout"], registry=None, multiprocess_mode="sum"
+        )
 
 
 class RowCounters:
@@ -58,6 +96,8 @@ class RowCounters:
         self.rows: dict[tuple[str, str, str], int] = {}
         self.shadow: dict[str, list[int]] = {}  # model -> [rows, top1 agree, top5 contained]
         self.fallback: dict[str, int] = {}
+        self.heads: dict[tuple[str, str], int] = {}  # (model, layout) -> heads in this process
+        self.native: _NativeMetrics | None = None  # vLLM's multiprocess mode only
         self.version = 0  # bumped on every change, so the flusher writes only what changed
 
     def count_rows(self, model: str, path: str, reason: str, n: int) -> None:
@@ -67,6 +107,9 @@ class RowCounters:
         with self._lock:
             self.rows[key] = self.rows.get(key, 0) + int(n)
             self.version += 1
+            if self.native is not None:
+                self.native.rows.labels(*key).inc(int(n))
+                self.native.fallback.labels(model)  # shown as 0 until the guard trips
 
     def count_shadow(self, model: str, rows: int, top1_agree: int, top5_contained: int) -> None:
         with self._lock:
@@ -75,11 +118,24 @@ class RowCounters:
             acc[1] += int(top1_agree)
             acc[2] += int(top5_contained)
             self.version += 1
+            if self.native is not None:
+                for counter, value in zip(self.native.shadow, (rows, top1_agree, top5_contained)):
+                    counter.labels(model).inc(int(value))
 
     def set_fallback(self, model: str, active: bool) -> None:
         with self._lock:
             self.fallback[model] = int(active)
             self.version += 1
+            if self.native is not None:
+                self.native.fallback.labels(model).set(int(active))
+
+    def set_head(self, model: str, layout: str) -> None:
+        """This process serves `model` with a FlashHead of `layout` (once per process)."""
+        with self._lock:
+            self.heads[(model, layout)] = 1
+            self.version += 1
+            if self.native is not None:
+                self.native.heads.labels(model, layout).set(1)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -87,6 +143,7 @@ class RowCounters:
                 "rows": [[m, p, r, n] for (m, p, r), n in self.rows.items()],
                 "shadow": {m: list(v) for m, v in self.shadow.items()},
                 "fallback": dict(self.fallback),
+                "heads": [[m, layout, n] for (m, layout), n in self.heads.items()],
             }
 
 
@@ -98,8 +155,12 @@ _server_dir: str | None = None  # the directory this process created (the API se
 
 def counters() -> RowCounters:
     """This process's counters; starts the writer thread on first use where a directory is
-    set."""
+    set; in vLLM's multiprocess Prometheus mode also keeps them as prometheus_client metrics."""
     _ensure_flusher()
+    if _counters.native is None and os.environ.get(PROMETHEUS_MULTIPROC_DIR):
+        with _flusher_lock:
+            if _counters.native is None:
+                _counters.native = _NativeMetrics()
     return _counters
 
 
@@ -165,6 +226,7 @@ def read_directory(directory: str | os.PathLike) -> dict[str, Any]:
     rows: dict[tuple[str, str, str], int] = {}
     shadow: dict[str, list[int]] = {}
     fallback: dict[str, int] = {}
+    heads: dict[tuple[str, str], int] = {}
     for path in sorted(Path(directory).glob(f"{_FILE_PREFIX}*.json")):
         try:
             data = json.loads(path.read_text())
@@ -178,10 +240,13 @@ def read_directory(directory: str | os.PathLike) -> dict[str, Any]:
                 acc[i] += int(v)
         for model, active in data.get("fallback", {}).items():
             fallback[model] = max(fallback.get(model, 0), int(active))
+        for model, layout, n in data.get("heads", ()):
+            heads[(model, layout)] = heads.get((model, layout), 0) + int(n)
     return {
         "rows": [[m, p, r, n] for (m, p, r), n in sorted(rows.items())],
         "shadow": shadow,
         "fallback": fallback,
+        "heads": [[m, layout, n] for (m, layout), n in sorted(heads.items())],
     }
 
 
@@ -215,6 +280,10 @@ class FlashHeadCollector:
         for model in sorted(set(data["fallback"]) | {m for m, *_ in data["rows"]}):
             gauge.add_metric([model], data["fallback"].get(model, 0))
         yield gauge
+        heads = GaugeMetricFamily(HEADS, HELP[HEADS], labels=["model_name", "layout"])
+        for model, layout, n in data["heads"]:
+            heads.add_metric([model, layout], n)
+        yield heads
 
 
 SERVER_PROCESS_KINDS = ("api", "main")  # flashhead.compat.process kinds that root a server

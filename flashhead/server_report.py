@@ -26,6 +26,7 @@ class ModelReport:
     shadow_top1_agree: int = 0
     shadow_top5_contained: int = 0
     fallback_active: bool = False
+    heads: dict[str, int] = field(default_factory=dict)  # layout -> FlashHead heads built
 
     @property
     def total_rows(self) -> int:
@@ -80,6 +81,8 @@ def parse_reports(text: str) -> dict[str, ModelReport]:
                 setattr(r, shadow_fields[family.name], value)
             elif family.name == metrics.FALLBACK_ACTIVE:
                 r.fallback_active = bool(value)
+            elif family.name == metrics.HEADS:
+                r.heads[sample.labels.get("layout", "")] = value
     return reports
 
 
@@ -88,11 +91,24 @@ def server_reports(url: str) -> dict[str, ModelReport]:
     if not reports:
         raise ServerReportError(
             f"{url} serves /metrics but no FlashHead metrics: no FlashHead model has served a "
-            "decode step there yet, FlashHead is off (FLASHHEAD_ENABLED=0, or the doctor "
-            "without --url says why), or the server runs several API processes "
-            "(--api-server-count > 1), whose registry FlashHead's counters do not reach"
+            "decode step there yet, or FlashHead is off (FLASHHEAD_ENABLED=0, or the doctor "
+            "without --url says why)"
         )
     return reports
+
+
+def describe_layout(heads: dict[str, int]) -> str:
+    """What the heads by layout say of how the server spreads the model."""
+    tp = heads.get(metrics.LAYOUT_TENSOR_PARALLEL, 0)
+    single = heads.get(metrics.LAYOUT_SINGLE, 0)
+    parts = []
+    if tp:
+        parts.append(f"{tp} tensor-parallel ranks, each scoring its own clusters")
+    if single == 1:
+        parts.append("one FlashHead head (one worker)")
+    elif single:
+        parts.append(f"{single} FlashHead heads, one per worker (data-parallel engines)")
+    return "; ".join(parts) or "no FlashHead head built yet"
 
 
 def format_reports(url: str, reports: dict[str, ModelReport]) -> str:
@@ -100,6 +116,7 @@ def format_reports(url: str, reports: dict[str, ModelReport]) -> str:
     for r in reports.values():
         total = r.total_rows
         lines.append(f"model {r.model_name}")
+        lines.append(f"  layout: {describe_layout(r.heads)}")
         lines.append(f"  decode rows: {total}")
         for key, n in sorted(r.rows.items(), key=lambda kv: -kv[1]):
             share = 100.0 * n / total if total else 0.0

@@ -45,13 +45,16 @@ WORKER = textwrap.dedent(
     c.count_rows(sys.argv[1], "flashhead", "", int(sys.argv[2]))
     c.count_rows(sys.argv[1], "dense", "logprobs", 3)
     c.count_shadow(sys.argv[1], 10, 9, 10)
+    if len(sys.argv) > 3:
+        c.set_head(sys.argv[1], sys.argv[3])
     metrics.flush_now()
     """
 )
 
 
-def _worker(model: str, n: int, env: dict) -> None:
-    subprocess.run([sys.executable, "-c", WORKER, model, str(n)], env=env, check=True)
+def _worker(model: str, n: int, env: dict, layout: str = "") -> None:
+    args = [model, str(n), *([layout] if layout else [])]
+    subprocess.run([sys.executable, "-c", WORKER, *args], env=env, check=True)
 
 
 def test_counters_from_worker_processes_reach_the_server_registry(fresh_metrics):
@@ -67,6 +70,41 @@ def test_counters_from_worker_processes_reach_the_server_registry(fresh_metrics)
     assert 'flashhead_shadow_rows_total{model_name="m"} 20.0' in text
     assert 'flashhead_shadow_top1_agree_total{model_name="m"} 18.0' in text
     assert 'flashhead_fallback_active{model_name="m"} 0.0' in text
+
+
+def test_heads_by_layout_sum_over_processes_and_the_doctor_names_the_layout(fresh_metrics):
+    from flashhead.server_report import describe_layout, parse_reports
+
+    registry = CollectorRegistry()
+    metrics.setup_server_process(registry)
+    env = dict(os.environ)
+    _worker("tp", 5, env, metrics.LAYOUT_TENSOR_PARALLEL)
+    _worker("tp", 0, env, metrics.LAYOUT_TENSOR_PARALLEL)  # rank 1 counts no rows
+    _worker("dp", 5, env, metrics.LAYOUT_SINGLE)
+    _worker("dp", 5, env, metrics.LAYOUT_SINGLE)
+    text = _exposed(registry)
+    assert 'flashhead_heads{layout="tensor_parallel_rank",model_name="tp"} 2.0' in text
+    reports = parse_reports(text)
+    assert describe_layout(reports["tp"].heads).startswith("2 tensor-parallel ranks")
+    assert describe_layout(reports["dp"].heads).startswith("2 FlashHead heads, one per worker")
+    assert describe_layout({}) == "no FlashHead head built yet"
+
+
+def test_in_vllm_multiprocess_mode_the_counters_reach_its_registry(fresh_metrics, tmp_path):
+    # Several API servers (--api-server-count > 1, or --data-parallel-size N): vLLM serves a
+    # fresh registry over PROMETHEUS_MULTIPROC_DIR per scrape, as built here.
+    from prometheus_client import multiprocess
+
+    env = {**os.environ, metrics.PROMETHEUS_MULTIPROC_DIR: str(tmp_path)}
+    _worker("m", 5, env, metrics.LAYOUT_SINGLE)
+    _worker("m", 7, env, metrics.LAYOUT_SINGLE)  # the second engine's worker
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    text = _exposed(registry)
+    assert 'flashhead_decode_rows_total{model_name="m",path="flashhead",reason=""} 12.0' in text
+    assert 'flashhead_shadow_top1_agree_total{model_name="m"} 18.0' in text
+    assert 'flashhead_fallback_active{model_name="m"} 0.0' in text
+    assert 'flashhead_heads{layout="single",model_name="m"} 2.0' in text
 
 
 def test_two_servers_keep_their_counters_apart(fresh_metrics, monkeypatch):
@@ -191,7 +229,8 @@ def test_doctor_url_reports_a_server_and_names_an_unreachable_one(fresh_metrics,
 
     registry = CollectorRegistry()
     metrics.setup_server_process(registry)
-    _worker("m", 90, dict(os.environ))  # 90 FlashHead rows, 3 logprobs rows, 10 shadow rows
+    # 90 FlashHead rows, 3 logprobs rows, 10 shadow rows, one single-rank head
+    _worker("m", 90, dict(os.environ), metrics.LAYOUT_SINGLE)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -210,6 +249,7 @@ def test_doctor_url_reports_a_server_and_names_an_unreachable_one(fresh_metrics,
         assert run_server_report(url) == 0
         text = capsys.readouterr().out
         assert "decode rows: 93" in text and "dense:logprobs" in text
+        assert "layout: one FlashHead head (one worker)" in text
         assert "top-1 agreement 90.00 % over 10 rows" in text
         assert run_server_report(url, as_json=True) == 0
         (model,) = json.loads(capsys.readouterr().out)["models"]

@@ -174,6 +174,11 @@ class _FlashHeadState:
         except Exception as exc:
             self.dense_reason = DenseReason(f"building FlashHead failed: {exc!r}", "build_error")
             raise
+        layout = metrics.LAYOUT_TENSOR_PARALLEL if is_sharded(self.head) else metrics.LAYOUT_SINGLE
+        try:  # every rank counts its own head (rows are counted by the first rank only)
+            metrics.counters().set_head(self.model_name, layout)
+        except Exception as exc:
+            log_once("count-error", logging.ERROR, "FlashHead: counting failed: %r", exc)
         self.weight_key = key
         return self.head
 

@@ -1,4 +1,4 @@
-"""Tensor parallel (TP=2) on `vllm serve`: each rank holds half of the vocab-parallel head, and
+"""Tensor parallel (TP=2) and data parallel (DP=2) on `vllm serve`: each rank holds half of the vocab-parallel head, and
 FlashHead serves it with the sharded head (flashhead/sharded_head.py): replicated stage 1, rank-
 owned clusters, one all-reduce of the candidate scores per step.
 
@@ -6,6 +6,10 @@ Three tiny-Llama servers in fp32 at --tensor-parallel-size 2 (one core per worke
 reference (FLASHHEAD_ENABLED=0), the all-clusters FlashHead model (exact: must equal it token for
 token) and the one-sixteenth-of-the-clusters model (must differ, and both ranks must say they
 served it). Compared against TP=2 dense, not TP=1: the reductions differ between the two.
+A fourth server runs the one-sixteenth model at --data-parallel-size 2: two engine cores, each
+with a whole FlashHead of its own. Pipeline parallel is not tested: vLLM's CPU backend fails at
+--pipeline-parallel-size 2 even without the plugin (0.27.1 and 0.32.0: an AssertionError in
+`sync_and_gather_intermediate_tensors` on the second stage, at the first request).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pytest
 from helpers.server import VllmServer, run_concurrently, start_all
 
 from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
+from flashhead.server_report import parse_reports
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
 
@@ -54,6 +59,12 @@ def tp_servers(tiny_models, e2e_logs):
             all_clusters, e2e_logs / "tp2-all.log", env={**ONE_CORE_EACH, **NEVER_DENSE}, args=TP2
         ),
         "one": VllmServer(sixteenth, e2e_logs / "tp2-one.log", env=ONE_CORE_EACH, args=TP2),
+        "dp": VllmServer(
+            sixteenth,
+            e2e_logs / "dp2-one.log",
+            env=ONE_CORE_EACH,
+            args=("--dtype", "float32", "--data-parallel-size", "2"),
+        ),
     }
     start_all(list(servers.values()))
     yield servers
@@ -89,8 +100,6 @@ def test_one_sixteenth_differs_and_both_ranks_serve_it(tp_servers):
 
 
 def test_rows_are_counted_once_not_per_rank(tp_servers):
-    from flashhead.server_report import parse_reports
-
     server = tp_servers["one"]
 
     def flash_rows() -> int:
@@ -107,6 +116,9 @@ def test_rows_are_counted_once_not_per_rank(tp_servers):
         time.sleep(0.5)
     # 20 tokens: the prefill row plus 19 decode rows, each counted by one rank only.
     assert 19 <= grown <= 20, grown
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        (report,) = parse_reports(r.read().decode()).values()
+    assert report.heads == {"tensor_parallel_rank": 2}  # what `doctor --url` shows as layout
 
 
 def test_seeded_sampling_repeats_and_mixed_load_is_valid(tp_servers):
@@ -138,3 +150,18 @@ def test_seeded_sampling_repeats_and_mixed_load_is_valid(tp_servers):
         assert ids and all(0 <= t < vocab for t in ids), r
         if r["kind"] == 2:
             assert len(r["choice"]["logprobs"]["top_logprobs"]) == len(ids), r
+
+
+def test_data_parallel_engines_each_serve_flashhead_alike(tp_servers):
+    server = tp_servers["dp"]
+    # Concurrent requests reach both engines; the same prompt gives the same tokens on either.
+    prompts = PROMPTS * 2
+    got = run_concurrently([lambda p=p: server.greedy_ids([p], 12)[0] for p in prompts])
+    assert got[: len(PROMPTS)] == got[len(PROMPTS) :]
+    log = server.log()
+    serving = set(re.findall(r"pid=(\d+)\) INFO [^\n]*FlashHead: serving decode steps", log))
+    assert len(serving) == 2, log[-3000:]  # one worker per engine, each with its own head
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        (report,) = parse_reports(r.read().decode()).values()
+    assert report.heads == {"single": 2}
+    assert "served dense" not in log and "FlashHead: error" not in log, log[-3000:]
