@@ -26,7 +26,7 @@ from helpers.server import VllmServer, run_concurrently, start_all
 from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
 from flashhead.server_report import parse_reports
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.parallel]
 
 TP2 = ("--dtype", "float32", "--tensor-parallel-size", "2")
 ONE_CORE_EACH = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
