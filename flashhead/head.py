@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -150,6 +151,39 @@ def inverse_temperature(
     return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
+def check_hidden_states(h: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """`h` as both stages read it: [B, d] fp32/fp16/bf16, contiguous; else a clear error."""
+    if h.dim() != 2 or h.shape[1] != hidden_size:
+        raise ValueError(f"hidden states must be [B, {hidden_size}], got {list(h.shape)}")
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"hidden states must be fp32/fp16/bf16, got {h.dtype}")
+    return h.contiguous()
+
+
+def select_clusters(
+    ops: Any,
+    index: ClusterIndex,
+    h: torch.Tensor,
+    n_probes: int,
+    inv_t: torch.Tensor | None,
+    temperature: torch.Tensor | None,
+    generators: Sequence[torch.Generator | None] | None,
+    buffers: dict,
+) -> torch.Tensor:
+    """Stage 1: [B, P] the clusters each row probes (top-p centroid scores; a Gumbel-top-p draw
+    at the row's temperature for rows with T > 0), the special-token clusters last."""
+    noise = draw_gumbel(h.shape[0], index.n_clusters, temperature, generators, h.device)
+    keys = ops.probe_keys(
+        h,
+        index.cent_q,
+        index.cent_scale,
+        inv_t if noise is not None else None,
+        noise,
+        buffers=buffers,
+    )
+    return ops.select_probes(keys, n_probes, index.n_special_clusters)
+
+
 class FlashHead:
     """Two-stage LM head over a cluster-major copy of the head weight. See docs/DESIGN.md."""
 
@@ -222,20 +256,12 @@ class FlashHead:
 
     # -- the two stages -------------------------------------------------------------------
     def _probes(self, h, n_probes, inv_t, generators, temperature) -> torch.Tensor:
-        n_rows = h.shape[0]
         p = self.n_probes if n_probes is None else int(n_probes)
         if not 1 <= p <= self.n_clusters:
             raise ValueError(f"n_probes must be in [1, {self.n_clusters}], got {p}")
-        noise = draw_gumbel(n_rows, self.n_clusters, temperature, generators, h.device)
-        keys = self._ops.probe_keys(
-            h,
-            self.index.cent_q,
-            self.index.cent_scale,
-            inv_t if noise is not None else None,
-            noise,
-            buffers=self._buffers,
+        return select_clusters(
+            self._ops, self.index, h, p, inv_t, temperature, generators, self._buffers
         )
-        return self._ops.select_probes(keys, p, self.index.n_special_clusters)
 
     def _run(self, h, n_probes, temperature, generators, want_tokens, want_scores=True):
         """Both stages on `h` already through `_check_h` (checked once per public call)."""
@@ -257,13 +283,7 @@ class FlashHead:
         )
 
     def _check_h(self, h: torch.Tensor) -> torch.Tensor:
-        if h.dim() != 2 or h.shape[1] != self.index.hidden_size:
-            raise ValueError(
-                f"hidden states must be [B, {self.index.hidden_size}], got {list(h.shape)}"
-            )
-        if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"hidden states must be fp32/fp16/bf16, got {h.dtype}")
-        return h.contiguous()
+        return check_hidden_states(h, self.index.hidden_size)
 
     # -- public API -------------------------------------------------------------------------
     def candidates(

@@ -19,9 +19,9 @@ path.
 vLLM's multiprocess Prometheus mode (several API servers: ``--api-server-count`` > 1, which
 ``--data-parallel-size`` N implies) serves a fresh registry per scrape that reads
 prometheus_client's own per-process files in ``PROMETHEUS_MULTIPROC_DIR``, and never the default
-registry. There the counting processes, which inherit that variable, also keep their counters
-as prometheus_client metrics (`_NativeMetrics`): vLLM's own channel, summed across processes
-by prometheus_client, with no second reader to keep.
+registry. There the counting processes, which inherit that variable, keep their counters as
+prometheus_client metrics instead of a file (`_NativeMetrics`): vLLM's own channel, summed
+across processes by prometheus_client, with no second reader to keep.
 """
 
 from __future__ import annotations
@@ -155,12 +155,13 @@ _server_dir: str | None = None  # the directory this process created (the API se
 
 def counters() -> RowCounters:
     """This process's counters; starts the writer thread on first use where a directory is
-    set; in vLLM's multiprocess Prometheus mode also keeps them as prometheus_client metrics."""
-    _ensure_flusher()
+    set; in vLLM's multiprocess Prometheus mode keeps them as prometheus_client metrics instead."""
     if _counters.native is None and os.environ.get(PROMETHEUS_MULTIPROC_DIR):
         with _flusher_lock:
             if _counters.native is None:
                 _counters.native = _NativeMetrics()
+    if _counters.native is None:  # multiprocess mode serves no file reader: no file to write
+        _ensure_flusher()
     return _counters
 
 

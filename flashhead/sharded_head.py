@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from flashhead.assets import FlashHeadAssets
-from flashhead.head import draw_gumbel, inverse_temperature, quantize_centroids, slot_layout
+from flashhead.head import (
+    check_hidden_states,
+    inverse_temperature,
+    quantize_centroids,
+    select_clusters,
+    slot_layout,
+)
 from flashhead.kernels import dispatch
 from flashhead.kernels.index import ClusterIndex, candidate_ids
 from flashhead.kernels.options import KernelOptions
@@ -238,23 +244,12 @@ class ShardedFlashHead:
     ) -> torch.Tensor:
         """[B, V] float32 on every rank: candidate scores (after `transform`), -inf elsewhere.
         A collective: every rank calls it with the same rows."""
-        if h.dim() != 2 or h.shape[1] != self.local.hidden_size:
-            raise ValueError(
-                f"hidden states must be [B, {self.local.hidden_size}], got {list(h.shape)}"
-            )
-        h = h.contiguous()
+        h = check_hidden_states(h, self.local.hidden_size)
         n_rows = h.shape[0]
         inv_t = inverse_temperature(temperature, n_rows, h.device)
-        noise = draw_gumbel(n_rows, self.n_clusters, temperature, generators, h.device)
-        keys = self._ops.probe_keys(
-            h,
-            self.meta.cent_q,
-            self.meta.cent_scale,
-            inv_t if noise is not None else None,
-            noise,
-            buffers=self._buffers,
+        probes = select_clusters(
+            self._ops, self.meta, h, self.n_probes, inv_t, temperature, generators, self._buffers
         )
-        probes = self._ops.select_probes(keys, self.n_probes, self.meta.n_special_clusters)
         ids = candidate_ids(self.meta, probes)
         _, scores, _ = self._ops.candidate_scores(
             h,

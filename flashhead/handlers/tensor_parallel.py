@@ -71,15 +71,22 @@ def build_sharded_head(lm_head: Any, weight: torch.Tensor, assets: Any) -> Any:
     )
 
 
+_tp_rank: int | None = None  # this process's tensor-parallel rank, once its group exists
+
+
 def counts_rows() -> bool:
     """Whether this process counts the rows of a step: every tensor-parallel rank computes the
-    same rows, so only the first one counts them (else /metrics would show each row tp times)."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+    same rows, so only the first one counts them (else /metrics would show each row tp times).
+    Called on every logits call: the rank is looked up until the group exists, then kept."""
+    global _tp_rank
+    if _tp_rank is None:
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
 
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:  # no vLLM, or no parallel group (offline tools, unit tests)
-        return True
+            _tp_rank = int(get_tensor_model_parallel_rank())
+        except Exception:  # no vLLM, or no parallel group yet (offline tools, unit tests)
+            return True
+    return _tp_rank == 0
 
 
 def is_sharded(head: Any) -> bool:
