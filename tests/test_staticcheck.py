@@ -284,6 +284,8 @@ def test_table_combines_support_blocks_and_results(tmp_path):
         "flashhead",
         "absent",
         "dense",
+        "dense",  # tensor parallel unset: the handler serves it dense
+        "dense",
     ]
     assert rows[1].patchset == "fake-0.35.yaml" and rows[1].static_check == "not run"
     assert rows[2].patchset == "none"

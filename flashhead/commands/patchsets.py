@@ -67,9 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     table = sub.add_parser(
         "table",
-        help="the support table (release x patchset, checks, runners, spec decode)",
+        help="the support table (release x patchset, checks, runners, spec decode, TP, PP)",
         description="Release x {patchset, static check, run-time check, V1 runner, V2 runner, "
-        "spec decode} from the patchsets' support blocks and the CI results file.",
+        "spec decode, tensor parallel, pipeline parallel} from the patchsets' support blocks "
+        "and the CI results file.",
     )
     table.add_argument("--markdown", action="store_true", help="Markdown (as in the README)")
     table.add_argument("--results", metavar="FILE", help="default: support.json in the dir")

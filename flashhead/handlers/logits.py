@@ -38,8 +38,10 @@ from flashhead.handlers.tensor_parallel import (
     counts_rows,
     describe_shard,
     is_sharded,
+    pp_size,
     shard_dense_reason,
     tp_size,
+    undeclared_parallel_reason,
 )
 from flashhead.sharded_head import ShardMismatch
 
@@ -209,6 +211,10 @@ def _dense_head_reason(
     lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any
 ) -> DenseReason:
     sharded = tp_size(lm_head) > 1
+    from flashhead import runtime
+
+    if reason := undeclared_parallel_reason(tp_size(lm_head), pp_size(), runtime.support()):
+        return reason
     if sharded and (reason := shard_dense_reason(lm_head, weight, vocab_size)):
         return reason
     quant = getattr(lm_head, "quant_method", None)

@@ -41,6 +41,36 @@ def shard_dense_reason(lm_head: Any, weight: torch.Tensor, vocab_size: int) -> D
     return DenseReason("")
 
 
+def pp_size() -> int:
+    """vLLM's pipeline-parallel size in this worker (1 outside a worker)."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return int(get_pp_group().world_size)
+    except Exception:  # no vLLM, or no parallel groups yet (offline tools, unit tests)
+        return 1
+
+
+def undeclared_parallel_reason(
+    tp: int, pp: int, support: tuple[str, dict[str, str]] | None
+) -> DenseReason:
+    """Dense where this release's patchset does not declare the layout served: the support
+    block says where FlashHead was checked at run time, and FlashHead never guesses beyond it."""
+    name, declared = support if support is not None else ("none", {})
+    for size, key, label, flag in (
+        (tp, "tensor_parallel", "tensor parallel", "--tensor-parallel-size"),
+        (pp, "pipeline_parallel", "pipeline parallel", "--pipeline-parallel-size"),
+    ):
+        if size > 1 and declared.get(key) != "flashhead":
+            return DenseReason(
+                f"{label} ({flag} {size}) is not checked at run time with this release "
+                f"(patchset {name}: support.{key} {declared.get(key, 'unset')}); see the "
+                "README's support table",
+                key,
+            )
+    return DenseReason("")
+
+
 def vllm_collectives() -> Any:
     """The tensor-parallel group's all-reduce (SUM) and all-gather, as vLLM itself runs them
     (its device communicator: shared memory on CPU, NCCL on GPU)."""

