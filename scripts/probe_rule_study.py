@@ -28,6 +28,7 @@ from flashhead.convert.fit import (
     Calibration,
     _solve_normal,
     cluster_max_logits,
+    fit_groups,
     left_out_ranks,
     normal_equations,
     sample_calibration,
@@ -114,10 +115,10 @@ def main() -> None:
         assignments = balanced_kmeans(w @ whitening(h), opts)
         mean = centroids_for(w, assignments, "mean")
         max_logits, top1 = cluster_max_logits(h, w, assignments)
-        gram, htm = normal_equations(h, max_logits)
+        normal = normal_equations(h, max_logits, fit_groups(src))
         lofo = left_out_ranks(Calibration(h, src), w, assignments, specials,
-                              targets=(max_logits, top1), normal=(gram, htm))  # fmt: skip
-        full = _solve_normal(gram, htm, mean, 1e-2)
+                              targets=(max_logits, top1), normal=normal)  # fmt: skip
+        full = _solve_normal(*normal, mean, 1e-2)
         held = {f: ranks_of(ev[f], full, assignments, tops[f], specials) for f in EVAL_FAMILIES}
         torch.save({"keep": keep, "source": src, "lofo": lofo, "held": held,
                     "seed": seed, "n_clusters": int(assignments.max()) + 1}, path)  # fmt: skip

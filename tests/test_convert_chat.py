@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from flashhead.calibration.chat import (
+    ANSWER_ATTENTION,
+    attention,
     chat_hidden_states,
     chat_prefix,
     chat_prompts,
@@ -104,3 +106,25 @@ def _greedy_then_teacher_forced(model, tok, prompt, grabbed):
     grabbed.clear()
     model(input_ids=torch.tensor([ids + answer]))
     return answer, grabbed[-1][0, len(ids) - 1 : len(ids) - 1 + len(answer)]
+
+
+def test_answers_decode_with_their_attention_and_the_model_gets_its_own_back(tiny):
+    model, tok = tiny
+    before = model.config._attn_implementation
+    assert before != ANSWER_ATTENTION  # the tiny model loads with SDPA, as convert's does
+    seen = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, _a: seen.append(model.config._attn_implementation)
+    )
+    try:
+        chat_hidden_states(
+            model, tok, "calibration", n_tokens=8, max_new_tokens=4, batch=2, progress=False
+        )
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {ANSWER_ATTENTION}
+    assert model.config._attn_implementation == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with attention(model, ANSWER_ATTENTION):
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == before

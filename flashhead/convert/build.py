@@ -24,6 +24,7 @@ from flashhead.convert.fit import (
     cluster_max_logits,
     cross_validated_probes,
     fit_centroids,
+    fit_groups,
     normal_equations,
     sample_calibration,
     whitening,
@@ -216,7 +217,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
             seconds["cluster"] = time.monotonic() - t3
             t4 = time.monotonic()
             targets = cluster_max_logits(cal.h, w32, assignments)
-            normal = normal_equations(cal.h, targets[0])
+            normal = normal_equations(cal.h, targets[0], fit_groups(cal.source))
             centroids = fit_centroids(cal.h, w32, assignments, normal=normal)
             if auto_probes_wanted:
                 estimates = cross_validated_probes(

@@ -73,12 +73,50 @@ def whitening(h: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
+@dataclass
+class NormalEquations:
+    """H^T H [d, d] and H^T M [d, c] of the centroid fit, and the same products per left-out
+    group (`fit_groups`): the costly part (Gemma-3: 1 TFLOP for H^T M), computed once per row
+    and shared by the final fit and the probe estimates, which subtract their group's part."""
+
+    gram: torch.Tensor
+    ht_targets: torch.Tensor
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    def __iter__(self):  # (gram, ht_targets) = normal, as the plain solve takes them
+        return iter((self.gram, self.ht_targets))
+
+    def without(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gram, ht = self.parts[group]
+        return self.gram - gram, self.ht_targets - ht
+
+
+def fit_groups(source: torch.Tensor, folds: int = 4) -> torch.Tensor:
+    """[N] the group each calibration row is left out with: its source, or with a single
+    source, its contiguous fold."""
+    return source if source.unique().numel() > 1 else _folds(source, folds)
+
+
 def normal_equations(
-    h: torch.Tensor, max_logits: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H^T H [d, d], H^T M [d, c]) of the centroid fit: the costly products, computed once and
-    shared by the final fit and the probe estimates (which subtract the rows they leave out)."""
-    return h.T @ h, h.T @ max_logits
+    h: torch.Tensor, max_logits: torch.Tensor, groups: torch.Tensor | None = None
+) -> NormalEquations:
+    """The products of the centroid fit (see `NormalEquations`), summed over `groups`."""
+    if groups is None:
+        groups = torch.zeros(h.shape[0], dtype=torch.int64)
+    parts = {}
+    for g in groups.unique().tolist():
+        rows = torch.nonzero(groups == g).flatten()
+        if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():  # contiguous: a view
+            h_g, m_g = (
+                h[int(rows[0]) : int(rows[-1]) + 1],
+                max_logits[int(rows[0]) : int(rows[-1]) + 1],
+            )
+        else:
+            h_g, m_g = h[rows], max_logits[rows]
+        parts[int(g)] = (h_g.T @ h_g, h_g.T @ m_g)
+    gram = sum(p[0] for p in parts.values())
+    ht = sum(p[1] for p in parts.values())
+    return NormalEquations(gram, ht, parts)
 
 
 def _solve_normal(
@@ -105,7 +143,7 @@ def fit_centroids(
     *,
     ridge: float = 1e-2,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-    normal: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normal: NormalEquations | None = None,
 ) -> torch.Tensor:
     """[c, d] float32 centroids with h . c_k ~ the best logit of cluster k (see module doc).
 
@@ -143,7 +181,7 @@ def left_out_ranks(
     folds: int = 4,
     ridge: float = 1e-2,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-    normal: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normal: NormalEquations | None = None,
 ) -> torch.Tensor:
     """[N] rank of each calibration row's dense top-1 cluster under centroids fitted without
     that row's source (or, with a single source, without its `folds` block), scored as served
@@ -158,17 +196,18 @@ def left_out_ranks(
     max_logits, top1 = (
         targets if targets is not None else cluster_max_logits(h, weight, assignments)
     )
-    gram, ht_targets = normal if normal is not None else normal_equations(h, max_logits)
-    group = cal.source if cal.source.unique().numel() > 1 else _folds(cal.source, folds)
+    group = fit_groups(cal.source, folds)
+    if (
+        normal is None
+        or not isinstance(normal, NormalEquations)
+        or set(normal.parts) != set(group.unique().tolist())
+    ):
+        normal = normal_equations(h, max_logits, group)
     ranks = torch.empty(h.shape[0], dtype=torch.int64)
     for g in group.unique():
         rows = torch.nonzero(group == g).flatten()
-        h_out = h[rows]
-        # The fit without these rows: the full normal equations minus their share (no copy of
-        # the other rows' [N, c] targets).
-        fitted = _solve_normal(
-            gram - h_out.T @ h_out, ht_targets - h_out.T @ max_logits[rows], mean, ridge
-        )
+        # The fit without these rows: the full normal equations minus their share.
+        fitted = _solve_normal(*normal.without(int(g)), mean, ridge)
         cent_q, scale = quantize_centroids(fitted)
         cent_f = cent_q.float()  # upcast once per fit; probe_keys would redo it every block
         for start in range(0, rows.numel(), _ROWS_PER_BLOCK):
@@ -188,7 +227,7 @@ def cross_validated_probes(
     folds: int = 4,
     ridge: float = 1e-2,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-    normal: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normal: NormalEquations | None = None,
 ) -> dict[str, int]:
     """Per source with enough rows: a 90 % upper confidence bound (block bootstrap,
     `probe_count.block_bootstrap`) on the smallest p whose top-1 agreement reaches `target` on

@@ -38,8 +38,8 @@ PROMPTS = [
     "The best way to learn a new language is",
     "List three uses of copper:",
 ]
-# Of 20 held-out questions, asked one at a time; measured 20/20 at p=1040 (docs/convert.md; the
-# default is now p=1228, which probes every cluster p=1040 did and more).
+# Of 20 held-out questions, asked one at a time; offline (`flashhead eval --answers 20`) the
+# default conversion (p=1120) answers 19 of them as dense does (docs/convert.md).
 ANSWER_FLOOR = 18
 LONG_PROMPT = " ".join(
     ["The history of the city goes back many centuries, and its people tell stories of it."] * 22
