@@ -1,10 +1,12 @@
 """The model-facing FlashHead: head weight + assets -> cluster index, buffers, backend dispatch.
 
-Per call: Gumbel noise is drawn here in torch (per-row generators) and handed to the backend,
-so the torch and Triton paths pick the same token ids; the backend computes stage 1 keys,
-selects the top-p clusters per row (ascending cluster order, the slot order of the candidates;
-the always-probed special-token clusters last), scores the candidates and picks the token.
-Knows nothing of vLLM.
+Per call: Gumbel noise is drawn in torch (`flashhead.sampling_noise`, per-row generators) and
+handed to the backend, so the torch and Triton paths pick the same token ids; the backend
+computes stage 1 keys, selects the top-p clusters per row (ascending cluster order, the slot
+order of the candidates; the always-probed special-token clusters last), and scores the
+candidates: into vLLM's logits row (logits mode, fused with the soft cap and scale) or into the
+picked token (tokens mode). On a GPU the logits path replays FlashHead's own CUDA graphs
+(`flashhead.cuda_graphs`). Knows nothing of vLLM.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from flashhead.assets import FlashHeadAssets
 from flashhead.kernels import dispatch
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.logit_transform import LogitTransform
 from flashhead.kernels.options import KernelOptions
+from flashhead.sampling_noise import draw_gumbel, inverse_temperature
 from flashhead.settings import settings
 
 
@@ -106,51 +110,6 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
     )
 
 
-def draw_gumbel(
-    n_rows: int,
-    width: int,
-    temperature: torch.Tensor | None,
-    generators: Sequence[torch.Generator | None] | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """[B, width] float32 standard Gumbel noise for rows with T > 0 (zeros elsewhere), or None.
-
-    A row with a generator draws from it alone (a seeded request reruns identically); rows
-    without one share one draw from torch's default generator."""
-    if temperature is None:
-        return None
-    sampled = (temperature > 0).tolist()
-    if not any(sampled):
-        return None
-    noise = torch.zeros(n_rows, width, dtype=torch.float32, device=device)
-    shared = []
-    for b, is_sampled in enumerate(sampled):
-        if not is_sampled:
-            continue
-        gen = generators[b] if generators is not None else None
-        if gen is None:
-            shared.append(b)
-            continue
-        e = torch.empty(width, dtype=torch.float32, device=gen.device).exponential_(generator=gen)
-        noise[b] = (-torch.log(e)).to(device)
-    if shared:
-        e = torch.empty(len(shared), width, dtype=torch.float32, device=device).exponential_()
-        noise[torch.tensor(shared, device=device)] = -torch.log(e)
-    return noise
-
-
-def inverse_temperature(
-    temperature: torch.Tensor | None, n_rows: int, device
-) -> torch.Tensor | None:
-    if temperature is None:
-        return None
-    t = torch.as_tensor(temperature, dtype=torch.float32).to(device).reshape(-1)
-    if t.numel() != n_rows:
-        raise ValueError(f"temperature has {t.numel()} entries for {n_rows} rows")
-    # 1/T in float32 (both backends multiply by it); T <= 0 means greedy (inv_t = 0).
-    return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-
-
 def check_hidden_states(h: torch.Tensor, hidden_size: int) -> torch.Tensor:
     """`h` as both stages read it: [B, d] fp32/fp16/bf16, contiguous; else a clear error."""
     if h.dim() != 2 or h.shape[1] != hidden_size:
@@ -173,6 +132,19 @@ def select_clusters(
     """Stage 1: [B, P] the clusters each row probes (top-p centroid scores; a Gumbel-top-p draw
     at the row's temperature for rows with T > 0), the special-token clusters last."""
     noise = draw_gumbel(h.shape[0], index.n_clusters, temperature, generators, h.device)
+    return probe_and_select(ops, index, h, n_probes, inv_t, noise, buffers)
+
+
+def probe_and_select(
+    ops: Any,
+    index: ClusterIndex,
+    h: torch.Tensor,
+    n_probes: int,
+    inv_t: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    buffers: dict,
+) -> torch.Tensor:
+    """Stage 1 on noise already drawn (None: every row greedy): device work only."""
     keys = ops.probe_keys(
         h,
         index.cent_q,
@@ -209,6 +181,21 @@ class FlashHead:
         self.backend = dispatch.resolve_backend(backend, weight.device, self.options)
         self._ops = dispatch.backend_ops(self.backend, self.options)
         self._buffers: dict = {}
+        self.graphs = self._make_graphs(weight.device)
+
+    def _make_graphs(self, device: torch.device) -> Any:
+        """FlashHead's own CUDA graphs for the logits path (Triton on a GPU), or None."""
+        if self.backend != "triton" or device.type != "cuda" or not self.options.cuda_graphs:
+            return None
+        from flashhead.cuda_graphs import HeadGraphs
+
+        return HeadGraphs(
+            self._flash_logits_into,
+            hidden_size=self.index.hidden_size,
+            n_clusters=self.n_clusters,
+            vocab_size=self.vocab_size,
+            device=device,
+        )
 
     @classmethod
     def build(
@@ -252,6 +239,7 @@ class FlashHead:
             self.candidate_rows,
             self.vocab_size,
             self.options.dense_min_batch,
+            self.n_clusters,
         )
 
     # -- the two stages -------------------------------------------------------------------
@@ -322,24 +310,41 @@ class FlashHead:
         generators: Sequence[torch.Generator | None] | None = None,
         dense_rows: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: LogitTransform | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """[B, V] float32: candidate scores (after `transform`) in place, -inf elsewhere;
-        `dense_rows` (bool [B]) rows are the exact full-head logits (after `transform`)."""
+        """[B, V] logits: candidate scores (after `transform`) in place, -inf elsewhere;
+        `dense_rows` (bool [B]) rows are the exact full-head logits (after `transform`).
+
+        float32, or `dtype` when given (vLLM's: the model dtype). `temperature` is a host
+        tensor. The decode path (no `dense_rows`, no `out`) replays FlashHead's CUDA graph on a
+        GPU and never reads a device value on the host."""
         h = self._check_h(h)
         n_rows, vocab = h.shape[0], self.vocab_size
+        if out is not None and tuple(out.shape) != (n_rows, vocab):
+            raise ValueError(f"out must be [{n_rows}, {vocab}], got {list(out.shape)}")
+        if n_rows and dense_rows is None and out is None:  # the decode path
+            if self.uses_dense(n_rows, h.device):  # the dispatcher's choice: vLLM's own math
+                full = torch.nn.functional.linear(h, self.weight)
+                full = full if transform is None else transform(full)
+                return full.to(dtype or torch.float32)
+            fused = transform is None or isinstance(transform, LogitTransform)
+            if self.graphs is not None and fused:
+                graphed = self.graphs.logits(
+                    h, temperature, generators, transform, dtype or torch.float32
+                )
+                if graphed is not None:
+                    return graphed
         if out is None:
             out = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device)
-        elif tuple(out.shape) != (n_rows, vocab):
-            raise ValueError(f"out must be [{n_rows}, {vocab}], got {list(out.shape)}")
         if n_rows == 0:
-            return out  # the stages cannot run on an empty batch; there is nothing to fill
+            return _as(out, dtype)  # the stages cannot run on an empty batch
         if self.uses_dense(n_rows, h.device):
-            return self._dense_logits(h, None, out, transform)
+            return _as(self._dense_logits(h, None, out, transform), dtype)
         if dense_rows is None:
             # The decode path (the handler passes FlashHead rows only): no mask to split on, so
             # no nonzero() and its device sync every step.
-            return self._flash_logits(h, None, temperature, generators, out, transform)
+            return _as(self._flash_logits(h, None, temperature, generators, out, transform), dtype)
         dense = dense_rows.to(h.device, torch.bool)
         flash_idx = (~dense).nonzero().flatten()
         dense_idx = dense.nonzero().flatten()
@@ -347,7 +352,22 @@ class FlashHead:
             self._flash_logits(h, flash_idx, temperature, generators, out, transform)
         if len(dense_idx):
             self._dense_logits(h, dense_idx, out, transform)
-        return out
+        return _as(out, dtype)
+
+    def _flash_logits_into(
+        self,
+        h: torch.Tensor,
+        inv_t: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        out: torch.Tensor,
+        transform: LogitTransform | None,
+    ) -> None:
+        """The whole FlashHead logits path on device tensors (what a CUDA graph captures):
+        stage 1, the top-p select, and stage 2 writing straight into `out`."""
+        probes = probe_and_select(
+            self._ops, self.index, h, self.n_probes, inv_t, noise, self._buffers
+        )
+        self._ops.candidate_logits(h, self.index, probes, out, transform, buffers=self._buffers)
 
     def _flash_logits(self, h, idx, temperature, generators, out, transform) -> torch.Tensor:
         """Candidate logits of rows `idx` (None: all rows) written into those rows of `out`."""
@@ -357,12 +377,22 @@ class FlashHead:
             h = h[idx]
             sub_t = None if sub_t is None else sub_t[idx.cpu()]
             sub_g = None if generators is None else [generators[i] for i in idx.tolist()]
-        ids, scores, _ = self._run(h, None, sub_t, sub_g, want_tokens=False)
-        if transform is not None:
-            scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
         rows = out if idx is None else out.new_empty(len(idx), out.shape[1])
-        rows.fill_(float("-inf"))
-        rows.scatter_reduce_(1, ids.clamp_min(0), scores.to(rows.dtype), reduce="amax")
+        if transform is None or isinstance(transform, LogitTransform):
+            n = h.shape[0]
+            inv_t = inverse_temperature(sub_t, n, h.device)
+            noise = draw_gumbel(n, self.n_clusters, sub_t, sub_g, h.device)
+            fp32 = (
+                rows if rows.dtype == torch.float32 else torch.empty_like(rows, dtype=torch.float32)
+            )
+            self._flash_logits_into(h, inv_t, noise, fp32, transform)
+            if fp32 is not rows:
+                rows.copy_(fp32)
+        else:  # any other callable: applied in torch to the candidate scores
+            ids, scores, _ = self._run(h, None, sub_t, sub_g, want_tokens=False)
+            scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
+            rows.fill_(float("-inf"))
+            rows.scatter_reduce_(1, ids.clamp_min(0), scores.to(rows.dtype), reduce="amax")
         if idx is not None:
             out[idx] = rows
         return out
@@ -389,6 +419,7 @@ class FlashHead:
 
     def describe(self) -> dict:
         return {
+            "cuda_graphs": self.graphs.describe() if self.graphs is not None else None,
             "backend": self.backend,
             "vocab_size": self.vocab_size,
             "n_clusters": self.n_clusters,
@@ -400,9 +431,14 @@ class FlashHead:
         }
 
 
+def _as(logits: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return logits if dtype is None else logits.to(dtype)
+
+
 __all__ = [
     "Candidates",
     "FlashHead",
+    "LogitTransform",
     "SlotLayout",
     "build_index",
     "candidate_ids",

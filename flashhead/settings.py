@@ -35,6 +35,7 @@ LOG_LEVEL_ENV = "FLASHHEAD_LOG_LEVEL"
 PATCHSET_DIR_ENV = "FLASHHEAD_PATCHSET_DIR"
 VLLM_VERSION_ENV = "FLASHHEAD_VLLM_VERSION"
 CACHE_ENV = "FLASHHEAD_CACHE"
+CUDA_GRAPHS_ENV = "FLASHHEAD_CUDA_GRAPHS"
 
 # The guard judges the agreement of the last GUARD_WINDOW shadow rows, once it has at least
 # GUARD_MIN_ROWS of them (a fresh server cannot wait for 512 rows before it may fall back).
@@ -56,6 +57,7 @@ class Settings:
     triton_stage1_blocks: tuple[int, int, int, int, int] | None = None
     triton_stage2_blocks: tuple[int, int, int, int] | None = None
     triton_select_warps: int | None = None
+    cuda_graphs: bool = True
     shadow: float = 0.0
     shadow_min_agreement: float | None = None
     metrics_dir: str | None = None
@@ -74,6 +76,7 @@ class Settings:
             triton_stage1_blocks=self.triton_stage1_blocks,
             triton_stage2_blocks=self.triton_stage2_blocks,
             triton_select_warps=self.triton_select_warps,
+            cuda_graphs=self.cuda_graphs,
         )
 
 
@@ -177,6 +180,11 @@ VARIABLES: tuple[Variable, ...] = (
         CPU_COMPILE_ENV, "cpu_compile", "1",
         "0 turns off the CPU fast path's torch.compile'd gather-dot (gather + GEMV instead)",
         _boolean,
+    ),
+    Variable(
+        CUDA_GRAPHS_ENV, "cuda_graphs", "1",
+        "0 launches FlashHead's logits path eagerly on a GPU instead of replaying its own CUDA "
+        "graphs (batches of up to 32 rows)", _boolean,
     ),
     Variable(
         SHADOW_ENV, "shadow", "0",

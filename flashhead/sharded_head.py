@@ -29,7 +29,6 @@ import torch
 from flashhead.assets import FlashHeadAssets
 from flashhead.head import (
     check_hidden_states,
-    inverse_temperature,
     quantize_centroids,
     select_clusters,
     slot_layout,
@@ -37,6 +36,7 @@ from flashhead.head import (
 from flashhead.kernels import dispatch
 from flashhead.kernels.index import ClusterIndex, candidate_ids
 from flashhead.kernels.options import KernelOptions
+from flashhead.sampling_noise import inverse_temperature
 from flashhead.settings import settings
 
 EXCHANGE_ROWS = 2048  # rows each rank sends per exchange round (bounds the transient buffer)
@@ -231,6 +231,7 @@ class ShardedFlashHead:
             self.meta.n_clusters // self.world_size + self.candidate_rows // self.world_size,
             self.vocab_size // self.world_size,
             self.options.dense_min_batch,
+            self.meta.n_clusters,
         )
 
     # -- one step ----------------------------------------------------------------------------
@@ -241,9 +242,10 @@ class ShardedFlashHead:
         temperature: torch.Tensor | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """[B, V] float32 on every rank: candidate scores (after `transform`), -inf elsewhere.
-        A collective: every rank calls it with the same rows."""
+        """[B, V] float32 (or `dtype`) on every rank: candidate scores (after `transform`),
+        -inf elsewhere. A collective: every rank calls it with the same rows."""
         h = check_hidden_states(h, self.local.hidden_size)
         n_rows = h.shape[0]
         inv_t = inverse_temperature(temperature, n_rows, h.device)
@@ -278,7 +280,7 @@ class ShardedFlashHead:
             scores = transform(scores).float().masked_fill(ids < 0, float("-inf"))
         out = torch.full((n_rows, self.vocab_size), float("-inf"), device=h.device)
         out.scatter_reduce_(1, ids.clamp_min(0), scores, reduce="amax")
-        return out
+        return out if dtype is None else out.to(dtype)
 
     def _probe_hashes(self, probes: torch.Tensor) -> torch.Tensor:
         """[B, _N_HASHES] float32 in [0, _HASH_MOD): position-weighted sums of the probes."""

@@ -27,6 +27,12 @@ ENV_DENSE_MIN_BATCH = "FLASHHEAD_DENSE_MIN_BATCH"
 # scores B x K candidate rows. On 1-2 CPU threads a bf16 GEMM row-dot costs about as much as a
 # FlashHead row read, so dense wins once FlashHead scores about two heads' worth of rows.
 DENSE_ROW_FACTOR = 2
+# On a GPU each row's top-p select runs in one program over all its centroid keys: measured on
+# an H200, 8016 keys (Llama-3.2, clusters of 16) take 22 us against a 123 us dense head, but
+# 65536 keys (Gemma-3-270M, clusters of 4) spill out of registers and took 230 us against 82 us.
+# Heads with more clusters than this are served dense on a GPU (FLASHHEAD_DENSE_MIN_BATCH=0
+# overrides); their FlashHead needs a multi-program select, or a conversion with larger clusters.
+GPU_MAX_FAST_CLUSTERS = 16384
 
 
 class BackendError(ValueError):
@@ -96,6 +102,7 @@ def prefer_dense(
     candidate_rows: int | None = None,
     vocab: int | None = None,
     dense_min_batch: int | None = None,
+    n_clusters: int | None = None,
 ) -> bool:
     """True where the dense head beats FlashHead. Torch backend on CPU: when the rows FlashHead
     scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR heads (`vocab`
@@ -106,6 +113,8 @@ def prefer_dense(
         return False
     if dense_min_batch is not None:
         return dense_min_batch > 0 and n_rows >= dense_min_batch
+    if backend == "triton" and n_clusters is not None and n_clusters > GPU_MAX_FAST_CLUSTERS:
+        return True  # the top-p select, one program per row, costs more than the dense head
     if candidate_rows is None or vocab is None:
         return False
     # GPU: bandwidth-bound, dense once FlashHead would read as many weight rows.
@@ -114,8 +123,8 @@ def prefer_dense(
 
 
 def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
-    """Object with `probe_keys(...)`, `select_probes(...)` and `candidate_scores(...)` for the
-    chosen backend, with `options` bound."""
+    """Object with `probe_keys(...)`, `select_probes(...)`, `candidate_scores(...)` and
+    `candidate_logits(...)` for the chosen backend, with `options` bound."""
     if backend == "triton":
         from flashhead.kernels import triton_ops
 
@@ -123,6 +132,7 @@ def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
             probe_keys=functools.partial(triton_ops.probe_keys, options=options),
             select_probes=functools.partial(triton_ops.select_probes, options=options),
             candidate_scores=functools.partial(triton_ops.candidate_scores, options=options),
+            candidate_logits=functools.partial(triton_ops.candidate_logits, options=options),
         )
     from flashhead.kernels import reference
 
@@ -131,6 +141,7 @@ def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
             probe_keys=reference.probe_keys,
             select_probes=reference.select_probes,
             candidate_scores=reference.candidate_scores,
+            candidate_logits=reference.candidate_logits,
         )
 
     return SimpleNamespace(
@@ -138,6 +149,9 @@ def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
         select_probes=reference.select_probes,
         candidate_scores=functools.partial(
             reference.candidate_scores, fast=True, compile=options.cpu_compile
+        ),
+        candidate_logits=functools.partial(
+            reference.candidate_logits, fast=True, compile=options.cpu_compile
         ),
     )
 
@@ -169,6 +183,11 @@ def describe_backend(
         report["reason"] = f"{ENV_BACKEND}=torch"
     else:
         report["reason"] = "no CUDA device" if dev.type != "cuda" else f"Triton {info}"
+    if backend == "triton":
+        report["gpu_max_clusters"] = (
+            f"heads of more than {GPU_MAX_FAST_CLUSTERS} clusters use the dense head "
+            f"(the per-row top-p select costs more there; {ENV_DENSE_MIN_BATCH}=0 overrides)"
+        )
     if backend == "triton" or dev.type == "cpu":
         limit = options.dense_min_batch
         report["dense_min_batch"] = limit

@@ -26,6 +26,8 @@ class KernelOptions:
     triton_stage1_blocks: tuple[int, int, int, int, int] | None = None  # B, C, D, warps, stages
     triton_stage2_blocks: tuple[int, int, int, int] | None = None  # rows, D, warps, stages
     triton_select_warps: int | None = None
+    # FlashHead's own CUDA graphs for the logits path on a GPU (flashhead.cuda_graphs).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

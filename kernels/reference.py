@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.logit_transform import LogitTransform
 
 
 def probe_keys(
@@ -147,6 +148,30 @@ def candidate_scores(
     scores.masked_fill_(ids < 0, float("-inf"))
     tokens = pick(ids, scores, inv_t, noise) if want_tokens else None
     return ids, scores, tokens
+
+
+def candidate_logits(
+    h: torch.Tensor,
+    index: ClusterIndex,
+    probes: torch.Tensor,
+    out: torch.Tensor,
+    transform: LogitTransform | None = None,
+    *,
+    fast: bool = False,
+    compile: bool = True,
+    buffers: dict | None = None,
+) -> torch.Tensor:
+    """vLLM's logits rows [B, V] float32 in `out`: the candidate scores, through `transform`,
+    at their token ids; -inf everywhere else (the transform never sees the padding)."""
+    ids, scores, _ = candidate_scores(
+        h, index, probes, want_tokens=False, fast=fast, compile=compile, buffers=buffers
+    )
+    if transform is not None and not transform.is_identity:
+        scores = transform.apply(scores).masked_fill(ids < 0, float("-inf"))
+    out.fill_(float("-inf"))
+    # amax: a padding slot (id -1, clamped to 0) must not overwrite token 0's score.
+    out.scatter_reduce_(1, ids.clamp_min(0), scores.to(out.dtype), reduce="amax")
+    return out
 
 
 def _scores_rowwise(

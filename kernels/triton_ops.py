@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.logit_transform import LogitTransform
 from flashhead.kernels.options import DEFAULT_OPTIONS, SELECT_METHODS, KernelOptions
 from flashhead.kernels.triton_mode import triton_interpreting
 
@@ -95,10 +96,12 @@ def _probe_keys_kernel(
 @triton.jit
 def _candidates_kernel(
     h_ptr, wc_ptr, slot_ids_ptr, slot_home_ptr, probes_ptr, invt_ptr, noise_ptr, scores_ptr, best_ptr,
-    count_ptr, tokens_ptr, N_PROG, D, P, P_REG, stride_h, stride_w, stride_p, stride_n, stride_s,
+    count_ptr, tokens_ptr, logits_ptr, N_PROG, D, P, P_REG, stride_h, stride_w, stride_p, stride_n,
+    stride_s, stride_l, logit_scale, soft_cap,
     S: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_PR: tl.constexpr, HAS_SPECIAL: tl.constexpr, HAS_NOISE: tl.constexpr,
-    WANT_SCORES: tl.constexpr, WANT_BEST: tl.constexpr,
+    WANT_SCORES: tl.constexpr, WANT_BEST: tl.constexpr, WANT_LOGITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     j = tl.program_id(1)
@@ -133,6 +136,19 @@ def _candidates_kernel(
     k = pj * S + within  # candidate slot, same order as reference.candidate_ids
     if WANT_SCORES:
         tl.store(scores_ptr + b * stride_s + k, score, mask=valid)
+    if WANT_LOGITS:
+        # vLLM's logits row, straight from the scores: each live token has exactly one slot
+        # (duplicated specials are masked above), so a plain store needs no scatter-max.
+        val = acc
+        if HAS_SOFTCAP:
+            # tanh through exp (no libdevice in the interpreter), in the overflow-safe form.
+            y = val / soft_cap
+            e = tl.exp(-2.0 * tl.abs(y))
+            t = (1.0 - e) / (1.0 + e)
+            val = tl.where(y >= 0, t, -t) * soft_cap
+        if HAS_SCALE:
+            val = val * logit_scale
+        tl.store(logits_ptr + b.to(tl.int64) * stride_l + tok, val, mask=valid & live)
     if WANT_BEST:
         key = score
         if HAS_NOISE:
@@ -192,14 +208,17 @@ def _select_kernel(
     b = tl.program_id(0)
     rc, valid, u = _ordered_keys(keys_ptr, b, stride_k, C, BLOCK)
     # Bisection for T = the largest t with count(u >= t) >= P, over [min, max] of the row's keys
-    # (int64 scalars so that mid never overflows; every mid lies in that int32 range).
+    # (int64 scalars so that mid never overflows; every mid lies in that int32 range). A mid
+    # that takes exactly P keys is as good a threshold as T (nothing at or above it is left
+    # out, nothing below it is taken): the search stops there, after ~17 of the 32 steps for
+    # 8016 keys (each step is a block-wide count).
     lo = tl.min(tl.where(valid, u, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(u, axis=0).to(tl.int64)
-    for _ in range(32):
+    while lo < hi:
         mid = (lo + hi + 1) >> 1
-        enough = tl.sum((u >= mid.to(tl.int32)).to(tl.int32), axis=0) >= P
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        count = tl.sum((u >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo = tl.where(count >= P, mid, lo)
+        hi = tl.where(count == P, mid, tl.where(count >= P, hi, mid - 1))
     _store_selection(out_ptr, b, stride_o, rc, valid, u, lo.to(tl.int32), C, P, N_SPECIAL, BLOCK_S)
 
 
@@ -219,7 +238,7 @@ def _select_radix_kernel(
     live = valid  # keys whose bytes so far equal the threshold's
     thr = 0  # the threshold's bytes found so far, as a signed int32 prefix
     for k in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * k
+        shift = 24 - 8 * k
         if k == 0:
             digit = ((u >> 24) + 128) & 0xFF  # sign byte, reordered so 0..255 ascends
         else:
@@ -395,12 +414,58 @@ def candidate_scores(
         h, index.wc, index.slot_ids, index.slot_home, probes,
         inv_t.contiguous() if has_noise else dummy, nz,
         scores if want_scores else dummy, best if want_tokens else dummy,
-        count if want_tokens else dummy, tokens if want_tokens else dummy, grid[1],
+        count if want_tokens else dummy, tokens if want_tokens else dummy, dummy, grid[1],
         d, n_probe, p_reg, h.stride(0), index.wc.stride(0), probes.stride(0),
-        nz.stride(0) if has_noise else 0, scores.stride(0) if want_scores else 0,
+        nz.stride(0) if has_noise else 0, scores.stride(0) if want_scores else 0, 0, 1.0, 1.0,
         S=s, SP=sp, ROWS=rows, BLOCK_D=block_d, BLOCK_PR=_pow2(max(p_reg, 1)),
         HAS_SPECIAL=index.n_special_clusters > 0, HAS_NOISE=has_noise,
-        WANT_SCORES=want_scores, WANT_BEST=want_tokens, num_warps=warps, num_stages=stages,
+        WANT_SCORES=want_scores, WANT_BEST=want_tokens, WANT_LOGITS=False, HAS_SOFTCAP=False,
+        HAS_SCALE=False, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     ids = candidate_ids(index, probes) if want_scores else None
     return ids, scores, tokens
+
+
+def candidate_logits(
+    h: torch.Tensor,
+    index: ClusterIndex,
+    probes: torch.Tensor,
+    out: torch.Tensor,
+    transform: LogitTransform | None = None,
+    *,
+    buffers: dict | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """vLLM's logits rows [B, V] float32 in `out`: the (transformed) candidate scores at their
+    token ids, -inf elsewhere; semantics of `reference.candidate_logits`. Two launches (the fill
+    and stage 2), no scores or ids in memory: the logits-mode path vLLM calls every step."""
+    _check_device(h, index.wc, probes, out)
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != h.shape[0]:
+        raise ValueError(
+            f"out must be float32 [{h.shape[0]}, V], got {out.dtype} {list(out.shape)}"
+        )
+    n_rows, d = h.shape
+    n_probe = probes.shape[1]
+    s = index.cluster_size
+    sp = _pow2(s)
+    rows, block_d, warps, stages = _candidate_blocks(n_probe, sp, d, options)
+    h = h.contiguous()
+    probes = probes.contiguous()
+    out.fill_(float("-inf"))
+    if n_rows == 0:
+        return out
+    soft_cap = transform.soft_cap if transform is not None else None
+    scale = transform.scale if transform is not None else 1.0
+    dummy = index.cent_scale
+    p_reg = n_probe - index.n_special_clusters
+    grid = (n_rows, triton.cdiv(n_probe * sp, rows))
+    _candidates_kernel[grid](
+        h, index.wc, index.slot_ids, index.slot_home, probes, dummy, dummy, dummy, dummy, dummy,
+        dummy, out, grid[1], d, n_probe, p_reg, h.stride(0), index.wc.stride(0), probes.stride(0),
+        0, 0, out.stride(0), float(scale), float(soft_cap or 1.0),
+        S=s, SP=sp, ROWS=rows, BLOCK_D=block_d, BLOCK_PR=_pow2(max(p_reg, 1)),
+        HAS_SPECIAL=index.n_special_clusters > 0, HAS_NOISE=False, WANT_SCORES=False,
+        WANT_BEST=False, WANT_LOGITS=True, HAS_SOFTCAP=soft_cap is not None,
+        HAS_SCALE=scale != 1.0, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out

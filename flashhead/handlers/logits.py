@@ -31,8 +31,9 @@ from flashhead.handlers.model_context import (
     resolve_model_dir,
     served_model_name,
 )
-from flashhead.handlers.plan import NO_PLAN, DenseReason, RowKind, StepPlan, plan_for_rows
+from flashhead.handlers.plan import NO_PLAN, DenseReason, StepPlan, plan_for_rows
 from flashhead.handlers.shadow import ShadowCheck, count_and_shadow
+from flashhead.handlers.step_logits import logit_transform, plan_logits
 from flashhead.handlers.tensor_parallel import (
     build_sharded_head,
     counts_rows,
@@ -241,21 +242,6 @@ def _dense_head_reason(
     return DenseReason("")
 
 
-def _candidate_transform(scale: float, soft_cap: float | None) -> Callable | None:
-    """vLLM's soft_cap then scale, as in ``LogitsProcessor.forward``; None when both are off."""
-    if soft_cap is None and scale == 1.0:
-        return None
-
-    def transform(scores: torch.Tensor) -> torch.Tensor:
-        if soft_cap is not None:
-            scores = torch.tanh(scores / soft_cap) * soft_cap
-        if scale != 1.0:
-            scores = scores * scale
-        return scores
-
-    return transform
-
-
 def make_logits_processor(base_cls: type, spec: Any = None) -> type:
     """Factory for ``register_oot``: a subclass of ``base_cls`` with the same ``forward``
     signature (``skip_gather`` exists from vLLM 0.29)."""
@@ -311,16 +297,15 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                 # Same dtype as the stock head's output (bf16 for a bf16 model): candidate scores
                 # are rounded as the dense GEMM rounds them, so vLLM's argmax breaks bf16 ties the
                 # same way (smallest id) on both paths.
-                logits = _plan_logits(
+                logits = plan_logits(
                     head,
                     hidden_states,
                     plan,
                     stock,
-                    _candidate_transform(self.scale, self.soft_cap),
+                    logit_transform(self.scale, self.soft_cap),
                 )
                 if logits is None:  # a later TP rank, where vLLM's gather returns nothing
                     return None
-                logits = logits.to(hidden_states.dtype)
             except ShardMismatch as exc:  # raised on every rank together: all go dense
                 state.head, state.dense_reason = None, DenseReason(str(exc), "tp_mismatch")
                 log_once(
@@ -470,40 +455,3 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
         )
     _states.append(state)
     return state
-
-
-def _plan_logits(
-    head: Any,
-    hidden_states: torch.Tensor,
-    plan: StepPlan,
-    stock: Callable[[torch.Tensor], torch.Tensor | None],
-    transform: Callable | None,
-) -> torch.Tensor | None:
-    """Full-vocabulary logits for one call: FlashHead rows from ``head``, dense rows from
-    ``stock``."""
-    flash_rows = plan.flash_rows()
-    num_rows = int(hidden_states.shape[0])
-    if is_sharded(head) and head.uses_dense(len(flash_rows), hidden_states.device):
-        return stock(hidden_states)  # a rank holds no whole head: the dense path is vLLM's
-    all_flash = len(flash_rows) == num_rows
-    flash_h = hidden_states if all_flash else hidden_states[flash_rows]
-    temperature = None
-    if any(plan.decisions[i].kind is RowKind.SAMPLED for i in flash_rows):
-        temperature = torch.tensor(
-            [plan.decisions[i].temperature for i in flash_rows], dtype=torch.float32
-        )
-    generators = [plan.generator(i) for i in flash_rows]
-    flash_logits = head.logits(
-        flash_h,
-        temperature=temperature,
-        generators=generators if any(g is not None for g in generators) else None,
-        transform=transform,
-    )
-    if all_flash:
-        return flash_logits
-    dense_rows = plan.dense_rows()
-    dense_logits = stock(hidden_states[dense_rows])
-    out = flash_logits.new_empty((num_rows, flash_logits.shape[1]))
-    out[flash_rows] = flash_logits
-    out[dense_rows] = dense_logits.to(out.dtype)
-    return out
