@@ -1,11 +1,19 @@
-"""`flashhead bench`: dense head (F.linear + argmax) vs FlashHead (tokens mode, greedy).
+"""`flashhead bench`: the dense head against FlashHead, on the call vLLM makes.
 
-Both run in the same process on the same random weights (clustered structure: tokens are noisy
-copies of their cluster centre), interleaved call by call, so load from other processes hits
-both alike; the report gives medians and the spread (25th-75th percentile). On CUDA each
-method is captured in a CUDA graph when possible (as vLLM serves decode steps) and timed with
-events; the byte floor is the bytes a method must read over the bandwidth of a large device
-copy (bytes read + written).
+Default (`mode="logits"`), per batch, the two calls a server's logits processor makes, timed
+eagerly, as vLLM calls them (outside its CUDA graphs):
+- dense: vLLM's stock head, `F.linear` in the model dtype, then soft cap and scale;
+- FlashHead: `flashhead.handlers.step_logits.plan_logits`, the FlashHead logits processor's
+  own per-step code (logits mode, model dtype; on a GPU it replays FlashHead's CUDA graphs).
+On a GPU a second column times each method's device work captured whole in one CUDA graph
+(what the call would cost with no host overhead). `mode="tokens"` times the head alone (greedy
+token ids: F.linear + argmax against `FlashHead.tokens`), the figure of earlier releases.
+
+Both methods run in one process on the same random weights (clustered structure: tokens are
+noisy copies of their cluster centre), interleaved call by call, so load from other processes
+hits both alike; the report gives medians and the spread (25th-75th percentile). GPU times
+come from CUDA events. The byte floor is the bytes a method must move over the bandwidth of a
+large device copy (bytes read + written).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from flashhead.kernels import dispatch
 from flashhead.settings import settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("logits", "tokens")
+BUSY_CYCLES = 2_000_000  # ~1 ms of a GPU's clock: longer than any call's host overhead
 
 
 @dataclass
@@ -41,9 +51,19 @@ class BenchConfig:
     iters: int = 30
     warmup: int = 3
     seed: int = 0
-    graphs: bool = True
+    graphs: bool = True  # GPU: also time each method captured in one CUDA graph
+    mode: str = "logits"  # logits: vLLM's call; tokens: the head alone, greedy token ids
+    temperature: float = 0.0  # logits mode: > 0 times sampled rows (unseeded)
+    soft_cap: float | None = None
+    scale: float = 1.0
 
     def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.temperature < 0 or (self.temperature > 0 and self.mode != "logits"):
+            raise ValueError("--temperature must be >= 0, and > 0 only in logits mode")
+        if self.soft_cap is not None and not self.soft_cap > 0:
+            raise ValueError("--soft-cap must be > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.vocab < 1 or self.hidden < 1 or self.cluster_size < 1:
@@ -65,17 +85,28 @@ class BenchConfig:
 @dataclass
 class BatchResult:
     batch: int
-    dense_ms: float
+    dense_ms: float  # eager, as vLLM calls it
     flash_ms: float
     ratio: float
     flash_path: str  # "flashhead" or "dense" (the dispatcher's choice at this batch size)
     dense_spread_ms: tuple[float, float]
     flash_spread_ms: tuple[float, float]
-    flash_forced_ms: float | None = None  # FlashHead itself where the dispatcher chose dense
-    agreement: float = 0.0  # share of rows where FlashHead's token == dense argmax
-    dense_floor_share: float | None = None
-    flash_floor_share: float | None = None
+    # GPU: the same call queued behind a 1 ms kernel (a model's forward still running, as when
+    # vLLM's host reaches compute_logits): the host's launch overhead is hidden there.
+    dense_behind_ms: float | None = None
+    flash_behind_ms: float | None = None
+    ratio_behind: float | None = None
+    behind_over_graph: float | None = None  # FlashHead behind the forward / its graph time
+    dense_graph_ms: float | None = None  # the same device work captured in one CUDA graph
+    flash_graph_ms: float | None = None  # FlashHead itself, also where the dispatcher chose dense
+    ratio_graph: float | None = None
+    eager_over_graph: float | None = None  # FlashHead eager / its CUDA-graph time
+    agreement: float | None = None  # share of greedy rows whose top-1 == dense top-1
+    dense_floor_share: float | None = None  # of the eager time
+    flash_floor_share: float | None = None  # of the eager time
+    flash_graph_floor_share: float | None = None
     flash_bytes: int = 0
+    dense_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -127,19 +158,21 @@ def _quantiles(times: list[float]) -> tuple[float, tuple[float, float]]:
 
 
 class _Timer:
-    """Times one call (ms): perf_counter on CPU; CUDA graph replay + events on GPU."""
+    """Times one call (ms): perf_counter on CPU, CUDA events on a GPU; captures CUDA graphs."""
 
     def __init__(self, device: torch.device, graphs: bool):
         self.cuda = device.type == "cuda"
         self.graphs = graphs and self.cuda
-        self.graph_used: dict[str, bool] = {}
+        self.graph_used: dict[str, bool | str] = {}
 
-    def prepare(self, name: str, fn: Callable[[], torch.Tensor], warmup: int) -> Callable:
+    def prepare(self, name: str, fn: Callable, warmup: int) -> Callable:
         for _ in range(max(1, warmup)):
             fn()
-        if not self.graphs:
-            self.graph_used[name] = False
-            return fn
+        return fn
+
+    def capture(self, name: str, fn: Callable, warmup: int) -> Callable | None:
+        """`fn` captured whole in one CUDA graph (its replay), or None if capture fails."""
+        self.prepare(name, fn, warmup)
         try:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -147,19 +180,22 @@ class _Timer:
                 fn()
             graph.replay()
             torch.cuda.synchronize()
-        except Exception as exc:  # capture is an optimisation: time eagerly if it fails
+        except Exception as exc:  # the graph column is extra: report why it is missing
             self.graph_used[name] = False
             self.graph_used[name + "_error"] = repr(exc)[:200]
-            return fn
+            return None
         self.graph_used[name] = True
         return graph.replay
 
-    def time(self, fn: Callable) -> float:
+    def time(self, fn: Callable, behind: bool = False) -> float:
+        """One call's time; `behind`: queued behind a ~1 ms kernel, timed from its end."""
         if not self.cuda:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if behind:
+            torch.cuda._sleep(BUSY_CYCLES)
         start.record()
         fn()
         end.record()
@@ -187,14 +223,62 @@ def device_bandwidth(device: torch.device) -> float | None:
     return 2 * (1 << 30) / statistics.median(times)
 
 
-def flash_bytes(head: FlashHead, batch: int) -> int:
-    """Bytes FlashHead must read for `batch` rows: int8 centroids + scales once, p*s rows
-    (+ special clusters) per row."""
+def flash_bytes(head: FlashHead, batch: int, logits_elt: int = 0) -> int:
+    """Bytes FlashHead must move for `batch` rows: int8 centroids + scales once, p*s rows
+    (+ special clusters) per row; with `logits_elt` (logits mode) the [B, V] logits written."""
     idx = head.index
     elt = idx.wc.element_size()
     stage1 = idx.cent_q.numel() + idx.cent_scale.numel() * 4
     rows = (head.n_probes + idx.n_special_clusters) * head.cluster_size
-    return stage1 + batch * rows * (idx.hidden_size * elt + 4)  # + one int32 slot id per row
+    out = batch * head.vocab_size * logits_elt
+    return stage1 + batch * rows * (idx.hidden_size * elt + 4) + out  # + int32 slot id per row
+
+
+def _call_pair(
+    cfg: BenchConfig, head: FlashHead, weight: torch.Tensor, h: torch.Tensor
+) -> tuple[Callable, Callable, Callable]:
+    """(dense, FlashHead as served, FlashHead's own device work) on the static input `h`."""
+    batch = h.shape[0]
+    if cfg.mode == "tokens":
+
+        def own_tokens():
+            return head._run(h, None, None, None, want_tokens=True, want_scores=False)[2]
+
+        return (
+            lambda: torch.nn.functional.linear(h, weight).argmax(dim=-1),
+            lambda: head.tokens(h),
+            own_tokens,
+        )
+    from flashhead.handlers.plan import RowDecision, RowKind, StepPlan
+    from flashhead.handlers.step_logits import logit_transform, plan_logits
+    from flashhead.sampling_noise import draw_gumbel, inverse_temperature
+
+    transform = logit_transform(cfg.scale, cfg.soft_cap)
+
+    def stock(x: torch.Tensor) -> torch.Tensor:  # vLLM's LogitsProcessor, TP=1, unquantized
+        logits = torch.nn.functional.linear(x, weight)
+        return logits if transform is None else transform.apply(logits)
+
+    kind = RowKind.SAMPLED if cfg.temperature > 0 else RowKind.GREEDY
+    plan = StepPlan([RowDecision(kind, cfg.temperature)] * batch, source="bench")
+    temp = torch.full((batch,), cfg.temperature) if cfg.temperature > 0 else None
+    inv_t = inverse_temperature(temp, batch, h.device)
+    noise = draw_gumbel(batch, head.n_clusters, temp, None, h.device)
+    out = torch.empty(batch, head.vocab_size, dtype=torch.float32, device=h.device)
+
+    def own_logits():  # the device work of one call, with its static inputs already in place
+        head._flash_logits_into(h, inv_t, noise, out, transform)
+        return out.to(h.dtype)
+
+    return (lambda: stock(h), lambda: plan_logits(head, h, plan, stock, transform), own_logits)
+
+
+def _key(name: str, behind: bool) -> str:
+    return name + "_behind" if behind else name
+
+
+def _top1(result: torch.Tensor) -> torch.Tensor:
+    return result if result.dim() == 1 else result.argmax(dim=-1)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
@@ -207,72 +291,82 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     t0 = time.perf_counter()
     head = FlashHead.build(weight, assets)
     build_s = time.perf_counter() - t0
-    head_bytes = weight.numel() * weight.element_size()
+    elt = weight.element_size()
+    head_bytes = weight.numel() * elt
     bandwidth = device_bandwidth(device)
     timer = _Timer(device, cfg.graphs)
     results = []
     for batch in cfg.batches:
         hs = _hidden_states(cfg, weight, batch, n_sets=4 if device.type == "cuda" else 1)
         h_static = hs[0].clone()
-
-        def dense(h=h_static):
-            return torch.nn.functional.linear(h, weight).argmax(dim=-1)
-
-        def flash(h=h_static):
-            return head.tokens(h)
-
-        def forced(h=h_static):
-            _, _, tokens = head._run(h, None, None, None, want_tokens=True, want_scores=False)
-            return tokens
-
+        dense, flash, own = _call_pair(cfg, head, weight, h_static)
         path = "dense" if head.uses_dense(batch, device) else "flashhead"
-        methods = {"dense": dense, "flash": flash}
-        if path == "dense":
-            methods["forced"] = forced
         agree = []
         for h in hs:
             h_static.copy_(h)
-            agree.append((forced() == dense()).float().mean().item())
-        runners = {
-            name: timer.prepare(f"{name}@{batch}", fn, cfg.warmup) for name, fn in methods.items()
-        }
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        names = list(methods)
-        for it in range(cfg.iters):
-            h_static.copy_(hs[it % len(hs)])
-            order = names if it % 2 == 0 else names[::-1]  # interleave, alternate who goes first
-            for name in order:
-                times[name].append(timer.time(runners[name]))
-        dense_ms, dense_spread = _quantiles(times["dense"])
-        flash_ms, flash_spread = _quantiles(times["flash"])
+            if cfg.temperature == 0:
+                agree.append((_top1(flash()) == _top1(dense())).float().mean().item())
+        eager = {"dense": dense, "flash": flash}
+        graphed = {"dense_graph": dense, "flash_graph": own} if timer.graphs else {}
+        runners = {name: timer.prepare(name, fn, cfg.warmup) for name, fn in eager.items()}
+        for name, fn in graphed.items():
+            replay = timer.capture(f"{name}@{batch}", fn, cfg.warmup)
+            if replay is not None:
+                runners[name] = replay
+        # Two rounds, each interleaved (alternating who goes first): on an idle GPU (and the
+        # graphs), then behind a busy GPU; kept apart so that neither disturbs the other.
+        rounds = [[(name, False) for name in runners]]
+        if timer.cuda:
+            rounds.append([(name, True) for name in eager])
+        times: dict[str, list[float]] = {_key(n, b): [] for timed in rounds for n, b in timed}
+        for timed in rounds:
+            for it in range(cfg.iters):
+                h_static.copy_(hs[it % len(hs)])
+                order = timed if it % 2 == 0 else timed[::-1]
+                for name, behind in order:
+                    times[_key(name, behind)].append(timer.time(runners[name], behind))
+        med = {name: _quantiles(ts) for name, ts in times.items()}
         res = BatchResult(
             batch=batch,
-            dense_ms=dense_ms,
-            flash_ms=flash_ms,
-            ratio=dense_ms / flash_ms,
+            dense_ms=med["dense"][0],
+            flash_ms=med["flash"][0],
+            ratio=med["dense"][0] / med["flash"][0],
             flash_path=path,
-            dense_spread_ms=dense_spread,
-            flash_spread_ms=flash_spread,
-            agreement=sum(agree) / len(agree),
-            flash_bytes=flash_bytes(head, batch),
+            dense_spread_ms=med["dense"][1],
+            flash_spread_ms=med["flash"][1],
+            agreement=sum(agree) / len(agree) if agree else None,
+            flash_bytes=flash_bytes(head, batch, (8 + elt) if cfg.mode == "logits" else 0),
+            dense_bytes=head_bytes + batch * head.vocab_size * elt,
         )
-        if "forced" in times:
-            res.flash_forced_ms = _quantiles(times["forced"])[0]
+        if "flash_behind" in med:
+            res.dense_behind_ms = med["dense_behind"][0]
+            res.flash_behind_ms = med["flash_behind"][0]
+            res.ratio_behind = res.dense_behind_ms / res.flash_behind_ms
+        if "dense_graph" in med and "flash_graph" in med:
+            res.dense_graph_ms = med["dense_graph"][0]
+            res.flash_graph_ms = med["flash_graph"][0]
+            res.ratio_graph = res.dense_graph_ms / res.flash_graph_ms
+            res.eager_over_graph = res.flash_ms / res.flash_graph_ms
+            if res.flash_behind_ms is not None:
+                res.behind_over_graph = res.flash_behind_ms / res.flash_graph_ms
         if bandwidth:
-            res.dense_floor_share = head_bytes / bandwidth * 1e3 / dense_ms
-            # FlashHead's own time, also where the dispatcher served the batch dense.
-            own_ms = res.flash_forced_ms if res.flash_forced_ms is not None else flash_ms
-            res.flash_floor_share = res.flash_bytes / bandwidth * 1e3 / own_ms
+            ms = bandwidth / 1e3  # bytes per ms
+            res.dense_floor_share = res.dense_bytes / ms / res.dense_ms
+            res.flash_floor_share = res.flash_bytes / ms / res.flash_ms
+            if res.flash_graph_ms:
+                res.flash_graph_floor_share = res.flash_bytes / ms / res.flash_graph_ms
         results.append(res)
         if log:
             log(_format_row(res))
-    info = {
+    return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "device_name": _device_name(device),
         "torch": torch.__version__,
+        "triton": dispatch.triton_status()[1],
         "threads": torch.get_num_threads(),
         "backend": head.backend,
         "dispatcher": dispatch.describe_backend(device, settings().kernel_options()),
+        "triton_select": settings().kernel_options().triton_select,
         "head": head.describe(),
         "head_bytes": head_bytes,
         "cluster_major_bytes": head.cluster_major_bytes,
@@ -286,7 +380,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         # 1-minute load average before and after: other processes make CPU timings noisy.
         "loadavg_1min": [load_before, _loadavg()],
     }
-    return info
 
 
 def _loadavg() -> float | None:
@@ -307,10 +400,19 @@ def _device_name(device: torch.device) -> str:
 def _format_row(r: BatchResult) -> str:
     line = (
         f"B={r.batch:<4d} dense {r.dense_ms:8.3f} ms  flashhead {r.flash_ms:8.3f} ms "
-        f"({r.flash_path})  ratio {r.ratio:5.2f}x  agree {r.agreement:.3f}"
+        f"({r.flash_path})  ratio {r.ratio:5.2f}x  agree "
+        + ("n/a (sampled)" if r.agreement is None else f"{r.agreement:.3f}")
     )
-    if r.flash_forced_ms is not None:
-        line += f"  [FlashHead itself {r.flash_forced_ms:.3f} ms: dispatcher chose dense]"
+    if r.flash_behind_ms is not None:
+        line += (
+            f"  | behind a forward: dense {r.dense_behind_ms:.3f} ms, flashhead "
+            f"{r.flash_behind_ms:.3f} ms ({r.ratio_behind:.2f}x)"
+        )
+    if r.flash_graph_ms is not None:
+        line += (
+            f"  | CUDA graphs: dense {r.dense_graph_ms:.3f} ms, FlashHead itself "
+            f"{r.flash_graph_ms:.3f} ms ({r.ratio_graph:.2f}x); eager/graph {r.eager_over_graph:.2f}"
+        )
     if r.flash_floor_share is not None:
         line += f"  floor share dense {r.dense_floor_share:.0%} flashhead {r.flash_floor_share:.0%}"
     return line
@@ -318,10 +420,17 @@ def _format_row(r: BatchResult) -> str:
 
 def format_report(info: dict) -> str:
     cfg = info["config"]
+    what = (
+        "vLLM's logits call, eager (dense: F.linear; FlashHead: the logits processor's step)"
+        if cfg["mode"] == "logits"
+        else "the head alone, greedy token ids (dense: F.linear + argmax; FlashHead.tokens)"
+    )
+    rows = f"sampled rows, T={cfg['temperature']:g}" if cfg["temperature"] else "greedy rows"
     lines = [
         f"flashhead bench: V={cfg['vocab']} d={cfg['hidden']} s={cfg['cluster_size']} "
         f"p={cfg['probes']} {cfg['dtype']} on {info['device_name']}, {info['threads']} thread(s), "
         f"{cfg['iters']} interleaved iterations (medians)",
+        f"timed: {what}; {rows}",
         f"backend: {info['backend']} ({info['dispatcher'].get('reason', '')}); "
         + (
             f"dense fallback: {info['dispatcher']['dense_fallback']}"

@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the FlashHead core (run from the repo root on a CUDA machine):
-#   1. make flashhead importable without network (copy the package layout to /tmp, no pip),
-#   2. run the kernel tests with the Triton interpreter OFF on CUDA tensors,
-#   3. a block-size sweep per stage and per-stage timings of the Triton path (best -> best.env),
-#   4. `flashhead bench --device cuda --json` at B=1/8/32 bf16 (CUDA graphs, then eager) with
-#      the best blocks.
-# Results go to $OUT (default ./gpu_out): tests.log, sweep.json, best.env, bench_graphs.json,
-# bench_eager.json; a short summary is printed last. GPU_CHECK_SWEEP=0 skips step 3.
-#
-# Last results (NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-27; Llama-3.2 head shape
-# V=128256 d=2048 s=16 p=256 bf16; CUDA graphs; copy bandwidth ~4.1 TB/s): 27 kernel tests pass
-# on CUDA. B=1: dense 163 us, FlashHead 43.6 us (3.75x; 3.95x in the run before); B=8: 2.18x;
-# B=32: dispatcher picks dense (FlashHead itself 162 us vs 171 us). Per stage at B=1: stage 1
-# 13 us, top-p select 23 us, stage 2 15 us (torch.topk alone: 41 us). Eager (no graphs),
-# Python/launch overhead dominates: FlashHead 250 us vs dense 202 us at B=1.
+# One-shot GPU check of FlashHead (run from the repo root on a CUDA machine; no network, no pip):
+#   1. make flashhead importable (copy the package layout to /tmp),
+#   2. the kernel tests with the Triton interpreter OFF on CUDA tensors, the CUDA-graph and
+#      no-sync tests among them (tests/kernels/test_kernels_cuda_graphs.py),
+#   3. per-stage timings at the Llama-3.2 and Gemma-3 head shapes, both top-p select methods
+#      (scripts/gpu_stages.py); the faster select is used by the benches,
+#   4. `flashhead bench --device cuda`: vLLM's logits call, eager, with the CUDA-graph column,
+#      greedy and sampled rows, at both shapes.
+# Results go to $OUT (default ./gpu_out): gpu.txt, tests.log, stages.json, bench.json (every
+# bench's report), bench.err; a short summary is printed last (6 files: the device tool brings
+# back at most 8). GPU_CHECK_SWEEP=1 adds the old block-size sweep (not run by default:
+# the built-in blocks came from it).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -21,7 +18,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 FLASHHEAD_CPU_COMPILE=0
 
 nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton, safetensors, yaml, wrapt; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/gpu.txt"
 
 # The repo maps kernels/ -> flashhead.kernels etc. (pyproject package-dir); mirror that layout.
 SITE=/tmp/flashhead_site
@@ -30,131 +27,88 @@ cp -r flashhead "$SITE/flashhead"
 for sub in kernels compat patchsets; do
   rm -rf "$SITE/flashhead/$sub" && cp -r "$sub" "$SITE/flashhead/$sub"
 done
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-# Run from outside the checkout: its own flashhead/ (without kernels/) would shadow the copy.
 REPO=$PWD
+# The site copy first (the checkout's flashhead/ has no kernels/), the checkout for tests.helpers.
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p /tmp/flashhead_run && cd /tmp/flashhead_run || exit 1
 $PY -c "import flashhead.kernels.triton_ops as t; print('flashhead from', t.__file__)" 2>&1 | tee -a "$OUT/gpu.txt"
 
 echo "== kernel tests (TRITON_INTERPRET=0, CUDA tensors)"
-timeout 240 $PY -m pytest -q "$REPO/tests/kernels" -m "not slow" -p no:cacheprovider \
-  --rootdir="$REPO/tests/kernels" --confcutdir="$REPO/tests/kernels" 2>&1 | tee "$OUT/tests.log" | tail -15
-
-echo "== sweep (per-stage block sizes, CUDA graphs)"
-cat >/tmp/flashhead_run/sweep.py <<'PYEOF'
-import json, os, sys, torch, triton
-from flashhead.bench import BenchConfig, make_problem
-from flashhead.head import FlashHead
-from flashhead.kernels import triton_ops
-
-out = sys.argv[1]
-cfg = BenchConfig(device="cuda")
-weight, assets = make_problem(cfg)
-head = FlashHead.build(weight, assets)
-ix = head.index
-res = {"device": torch.cuda.get_device_name(0), "s1": [], "s2": [], "sel": [], "stages": {}}
-
-
-def us(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return round(triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3, 1)
-
-
-hs = {B: (weight[:B].float() / 45).to(torch.bfloat16).contiguous() for B in (1, 8, 32)}
-probes = {B: triton_ops.select_probes(triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale), 256) for B, h in hs.items()}
-
-
-def sweep(var, configs, fn, key):
-    best = None
-    for conf in configs:
-        os.environ[var] = conf
-        row = {"cfg": conf}
-        try:
-            for B in (1, 8):
-                row[f"B{B}_us"] = us(lambda: fn(B))
-        except Exception as exc:
-            row["error"] = repr(exc)[:300]
-        res[key].append(row)
-        print(key, row, flush=True)
-        if "error" not in row and (best is None or row["B1_us"] + row["B8_us"] / 4 < best[1]):
-            best = (conf, row["B1_us"] + row["B8_us"] / 4)
-    os.environ.pop(var)
-    return best[0] if best else None
-
-
-s1 = sweep("FLASHHEAD_TRITON_S1",
-           ["16,32,256,4,4", "16,32,256,8,4", "16,32,512,4,3", "16,32,128,4,6"],
-           lambda B: triton_ops.probe_keys(hs[B], ix.cent_q, ix.cent_scale), "s1")
-s2 = sweep("FLASHHEAD_TRITON_S2",
-           ["4,1024,4,2", "4,1024,4,3", "4,512,4,3", "2,1024,4,2"],
-           lambda B: triton_ops.candidate_scores(hs[B], ix, probes[B], want_scores=False, buffers=head._buffers), "s2")
-keys8 = {B: triton_ops.probe_keys(hs[B], ix.cent_q, ix.cent_scale) for B in (1, 8)}
-sel = sweep("FLASHHEAD_TRITON_SEL", ["4", "8", "16"], lambda B: triton_ops.select_probes(keys8[B], 256), "sel")
-res["best"] = {"FLASHHEAD_TRITON_S1": s1, "FLASHHEAD_TRITON_S2": s2, "FLASHHEAD_TRITON_SEL": sel}
-for var, val in res["best"].items():
-    if val:
-        os.environ[var] = val
-keys = {B: triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale) for B, h in hs.items()}
-for B, h in hs.items():
-    st = {
-        "stage1": us(lambda: triton_ops.probe_keys(h, ix.cent_q, ix.cent_scale)),
-        "select": us(lambda: triton_ops.select_probes(keys[B], 256, method="bisect")),
-        "select_radix": us(lambda: triton_ops.select_probes(keys[B], 256, method="radix")),
-        "torch_topk": us(lambda: keys[B].topk(256, dim=1, sorted=False)),
-        "stage2": us(lambda: triton_ops.candidate_scores(h, ix, probes[B], want_scores=False, buffers=head._buffers)),
-        "tokens": us(lambda: head._run(h, None, None, None, want_tokens=True, want_scores=False)),
-        "dense": us(lambda: torch.nn.functional.linear(h, weight).argmax(-1)),
-    }
-    res["stages"][B] = st
-    print("B", B, st, flush=True)
-# The radix select becomes the default only once it is faster here at B=1 and B=8.
-if all(res["stages"][B]["select_radix"] < res["stages"][B]["select"] for B in (1, 8)):
-    res["best"]["FLASHHEAD_TRITON_SELECT"] = "radix"
-json.dump(res, open(os.path.join(out, "sweep.json"), "w"), indent=1)
-with open(os.path.join(out, "best.env"), "w") as f:
-    for var, val in res["best"].items():
-        if val:
-            f.write(f"export {var}={val}\n")
-PYEOF
-# GPU_CHECK_SWEEP=0 skips the sweep (the defaults in kernels/triton_ops.py came from it). The
-# sweep also times both top-p select methods (bisect, the default; radix, written without a GPU
-# at hand and checked only in the interpreter) and exports the faster one for the bench.
-if [ "${GPU_CHECK_SWEEP:-1}" != "0" ]; then
-  timeout 200 $PY /tmp/flashhead_run/sweep.py "$OUT" 2>&1 | tail -40
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # Triton compiles on 8 CPU cores at once
+TESTS=("$REPO/tests/kernels")
+if [ "${GPU_CHECK_QUICK:-0}" = "1" ]; then  # a rerun: the kernels' own tests and the graphs'
+  TESTS=("$REPO/tests/kernels/test_kernels_triton.py" "$REPO/tests/kernels/test_kernels_logits.py"
+    "$REPO/tests/kernels/test_kernels_cuda_graphs.py")
 fi
-[ -f "$OUT/best.env" ] && cat "$OUT/best.env" && . "$OUT/best.env"
+timeout 240 $PY -m pytest -q "${TESTS[@]}" -m "not slow" -p no:cacheprovider "${XDIST[@]}" \
+  --rootdir="$REPO/tests/kernels" --confcutdir="$REPO/tests/kernels" -rfs >"$OUT/tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -20
 
-echo "== bench (CUDA graphs)"
-timeout 150 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
-  --iters 200 --warmup 10 >"$OUT/bench_graphs.json" 2>"$OUT/bench_graphs.err"
-echo "== bench (eager)"
-timeout 100 $PY -m flashhead.cli bench --device cuda --json --batch 1,8,32 --dtype bf16 \
-  --iters 50 --warmup 5 --no-graphs >"$OUT/bench_eager.json" 2>"$OUT/bench_eager.err"
-
-echo "== summary"
 cat >/tmp/flashhead_run/summary.py <<'PYEOF'
-import json, sys, pathlib
+import json, pathlib, sys
 
-out = pathlib.Path(sys.argv[1])
-for name in ("bench_graphs.json", "bench_eager.json"):
-    err = out / name.replace(".json", ".err")
+out, bench = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+reports = {}
+newest = max(bench.glob("bench_*.json"), key=lambda p: p.stat().st_mtime)
+for path in sorted(bench.glob("bench_*.json")):
     try:
-        info = json.loads((out / name).read_text())
+        info = reports[path.stem] = json.loads(path.read_text())
     except Exception as exc:
-        print(name, "missing:", exc, err.read_text()[-1500:] if err.exists() else "")
+        if path == newest:
+            print(path.name, "missing:", exc, "(see bench.err)")
         continue
-    graphs = {k: v for k, v in (info.get("cuda_graphs") or {}).items() if not k.endswith("_error")}
-    print(name, info["device_name"], "backend", info["backend"], "bw", round(info["bandwidth_gbs"] or 0), "GB/s", "graphs", graphs)
+    if path != newest:
+        continue
+    print(f"{path.stem}: {info['device_name']} torch {info['torch']} triton {info['triton']} "
+          f"bw {round(info['bandwidth_gbs'] or 0)} GB/s backend {info['backend']} select {info['triton_select']}")
     for r in info["results"]:
-        forced = r.get("flash_forced_ms")
+        g = r.get("flash_graph_ms")
         print(
-            f"  B={r['batch']:<3} dense {r['dense_ms'] * 1e3:7.1f} us  flash {r['flash_ms'] * 1e3:7.1f} us ({r['flash_path']})  "
-            f"ratio {r['ratio']:5.2f}x  floor share dense {r['dense_floor_share']:.0%} flash {r['flash_floor_share']:.0%}  "
-            f"agree {r['agreement']:.3f}" + (f"  FlashHead itself {forced * 1e3:.1f} us" if forced else "")
+            f"  B={r['batch']:<3} eager: dense {r['dense_ms'] * 1e3:6.1f} us  flash {r['flash_ms'] * 1e3:6.1f} us "
+            f"({r['flash_path']}) {r['ratio']:5.2f}x | behind fwd: dense {(r.get('dense_behind_ms') or 0) * 1e3:6.1f} "
+            f"flash {(r.get('flash_behind_ms') or 0) * 1e3:6.1f} us {(r.get('ratio_behind') or 0):5.2f}x | graphs: dense {(r.get('dense_graph_ms') or 0) * 1e3:6.1f} "
+            f"flash {(g or 0) * 1e3:6.1f} us {(r.get('ratio_graph') or 0):5.2f}x | eager/graph "
+            f"{(r.get('eager_over_graph') or 0):4.2f} behind/graph {(r.get('behind_over_graph') or 0):4.2f} | floor dense {r.get('dense_floor_share') or 0:.0%} "
+            f"flash {r.get('flash_floor_share') or 0:.0%} (graph {r.get('flash_graph_floor_share') or 0:.0%}) "
+            f"agree {r['agreement'] if r['agreement'] is None else round(r['agreement'], 3)}"
         )
+    errs = {k: v for k, v in (info.get("cuda_graphs") or {}).items() if k.endswith("_error")}
+    if errs:
+        print("  graph errors:", errs)
+    print("  flashhead graphs:", info["head"].get("cuda_graphs"))
+(out / "bench.json").write_text(json.dumps(reports, indent=1))
 PYEOF
-$PY /tmp/flashhead_run/summary.py "$OUT"
+BENCH=/tmp/flashhead_run/bench
+mkdir -p "$BENCH"
+bench() {  # name, then bench arguments
+  local name=$1; shift
+  echo "== $name: $*" >>"$OUT/bench.err"
+  timeout 100 $PY -m flashhead.cli bench --device cuda --json --dtype bf16 --iters 100 --warmup 5 "$@" \
+    >"$BENCH/bench_$name.json" 2>>"$OUT/bench.err"
+  $PY /tmp/flashhead_run/summary.py "$OUT" "$BENCH"  # after each: a killed run keeps the lines
+}
+echo "== bench: vLLM's logits call, eager + CUDA-graph column"
+if [ "${GPU_CHECK_QUICK:-0}" = "1" ]; then
+  bench llama_greedy --shape llama3.2 --batch 1,8
+  bench gemma_greedy --shape gemma3 --batch 1,8
+  bench llama_sampled --shape llama3.2 --batch 1,8 --temperature 0.8
+else
+  bench llama_greedy --shape llama3.2 --batch 1,8,16,32
+  bench llama_sampled --shape llama3.2 --batch 1,8 --temperature 0.8
+  bench gemma_greedy --shape gemma3 --batch 1,8,32
+  bench gemma_sampled --shape gemma3 --batch 1,8 --temperature 0.8
+fi
+
+if [ "${GPU_CHECK_SWEEP:-0}" = "1" ]; then
+  echo "== tokens mode (the head alone, as timed before)"
+  bench llama_tokens --shape llama3.2 --batch 1,8,32 --mode tokens
+fi
+
+echo "== stages (CUDA graphs, both shapes, bisect vs radix select)"
+timeout 120 $PY "$REPO/scripts/gpu_stages.py" "$OUT" 2>&1 | tail -8
+if $PY -c "import json,sys; sys.exit(0 if json.load(open('$OUT/stages.json'))['radix_faster_everywhere'] else 1)" 2>/dev/null; then
+  export FLASHHEAD_TRITON_SELECT=radix
+fi
+echo "select found faster: ${FLASHHEAD_TRITON_SELECT:-bisect}"
+

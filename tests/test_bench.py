@@ -25,20 +25,48 @@ def test_run_bench_reports_everything(monkeypatch):
     monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "3")  # force the dense path at B=3
     info = run_bench(BenchConfig(**TINY, threads=1))
     assert info["backend"] == "torch" and info["threads"] == 1
+    assert info["config"]["mode"] == "logits"
     assert info["head"]["n_clusters"] == 63  # ceil(1000 / 16): padded, unequal clusters
     # one extra copy of the head (+ padding of 63 * 16 - 1000 slots), int8 centroids on top
     assert info["cluster_major_bytes"] == 63 * 16 * (32 * 2 + 4 + 4)  # bf16 rows + 2 int32 ids
     assert info["extra_bytes"] > info["cluster_major_bytes"]
     r1, r3 = info["results"]
-    assert r1["flash_path"] == "flashhead" and r1["flash_forced_ms"] is None
-    assert r3["flash_path"] == "dense" and r3["flash_forced_ms"] > 0  # chosen dense, says so
+    assert r1["flash_path"] == "flashhead" and r3["flash_path"] == "dense"
     for r in (r1, r3):
         assert r["ratio"] == pytest.approx(r["dense_ms"] / r["flash_ms"])
         assert 0.0 <= r["agreement"] <= 1.0
+        assert r["flash_graph_ms"] is None  # no CUDA graphs on a CPU
+    assert r3["agreement"] == 1.0  # the dispatcher's dense rows are vLLM's own logits
     assert info["bandwidth_gbs"] is None  # no device copy on CPU
     text = format_report(info)
-    assert "memory: cluster-major copy" in text and "dispatcher chose dense" in text
+    assert "memory: cluster-major copy" in text and "vLLM's logits call" in text
     json.dumps(info, default=str)
+
+
+def test_bench_times_the_handlers_step(monkeypatch):
+    """The FlashHead side is the logits processor's own per-step function."""
+    from flashhead.handlers import step_logits
+
+    calls = []
+    real = step_logits.plan_logits
+
+    def spy(head, h, plan, stock, transform):
+        calls.append((h.shape[0], plan.num_rows, transform))
+        return real(head, h, plan, stock, transform)
+
+    monkeypatch.setattr(step_logits, "plan_logits", spy)
+    cfg = BenchConfig(**{**TINY, "batches": (2,)}, soft_cap=30.0, temperature=0.7)
+    info = run_bench(cfg)
+    assert calls and all(c[:2] == (2, 2) for c in calls)
+    assert calls[0][2].soft_cap == 30.0
+    assert info["results"][0]["agreement"] is None  # sampled rows: no top-1 to compare
+    assert "sampled rows, T=0.7" in format_report(info)
+
+
+def test_tokens_mode_times_the_head_alone():
+    info = run_bench(BenchConfig(**{**TINY, "batches": (1,)}, mode="tokens"))
+    assert info["config"]["mode"] == "tokens" and info["results"][0]["agreement"] == 1.0
+    assert "greedy token ids" in format_report(info)
 
 
 def test_flash_bytes_counts_stage1_once_and_rows_per_row():
@@ -67,6 +95,8 @@ def test_cli_json(capsys):
         (["--probes", "100"], "--probes 100: must be in [1, 63]"),
         (["--cluster-size", "0"], "must be positive"),
         (["--iters", "0"], "--iters must be >= 1"),
+        (["--mode", "tokens", "--temperature", "1"], "--temperature must be >= 0, and > 0 only"),
+        (["--soft-cap", "-1"], "--soft-cap must be > 0"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, args, message):
