@@ -88,6 +88,18 @@ def _kernel_backend() -> Any:
         return f"unknown ({type(exc).__name__}: {exc})"
 
 
+def _gpu_dense_reason(model: dict[str, Any], kernel_backend: Any) -> str:
+    """Why this machine's GPU would serve the model dense at every batch, or ""."""
+    if not model.get("valid") or not isinstance(kernel_backend, dict):
+        return ""
+    if kernel_backend.get("backend") != "triton":
+        return ""
+    from flashhead.kernels.dispatch import dense_reason
+
+    opts = settings().kernel_options()
+    return dense_reason("triton", "cuda", 1, None, None, opts.dense_min_batch, model["n_clusters"])
+
+
 def _check_model(model_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {"path": str(model_dir), "valid": False}
     try:
@@ -153,6 +165,9 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
     }
     if model_dir is not None:
         report["model"] = _check_model(model_dir)
+        report["model"]["gpu_dense_reason"] = _gpu_dense_reason(
+            report["model"], report["kernel_backend"]
+        )
     failed_required = [r["id"] for r in records if r["required"] and r["status"] != "applied"]
     report["required_failed"] = failed_required
     ok = ps is not None and not failed_required
@@ -234,6 +249,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"model:       {m['path']}: valid FlashHead model "
                 f"({m.get('n_clusters')} clusters, vocab {m.get('vocab_size')}, {m.get('n_probes')} probes)"
             )
+            if m.get("gpu_dense_reason"):
+                lines.append(f"             served dense on this GPU: {m['gpu_dense_reason']}")
         else:
             lines.append(f"model:       {m['path']}: NOT a valid FlashHead model: {m.get('error')}")
     lines.append("")

@@ -232,7 +232,11 @@ class FlashHead:
 
     def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
         """True when the dispatcher serves this batch with the dense head (faster there)."""
-        return dispatch.prefer_dense(
+        return bool(self.dense_reason(n_rows, device))
+
+    def dense_reason(self, n_rows: int, device: torch.device | None = None) -> str:
+        """Why the dispatcher serves this batch with the dense head, or ""."""
+        return dispatch.dense_reason(
             self.backend,
             device or self.weight.device,
             n_rows,

@@ -104,22 +104,48 @@ def prefer_dense(
     dense_min_batch: int | None = None,
     n_clusters: int | None = None,
 ) -> bool:
-    """True where the dense head beats FlashHead. Torch backend on CPU: when the rows FlashHead
-    scores for the batch (`n_rows * candidate_rows`) reach DENSE_ROW_FACTOR heads (`vocab`
-    rows each), or from `dense_min_batch` rows on where that override is given (0 = never). Triton: when those rows
-    reach one head (both are bandwidth-bound, and FlashHead reads at least as many bytes)."""
+    """True where the dense head beats FlashHead (`dense_reason` says why)."""
+    return bool(
+        dense_reason(backend, device, n_rows, candidate_rows, vocab, dense_min_batch, n_clusters)
+    )
+
+
+def dense_reason(
+    backend: str,
+    device: torch.device | str,
+    n_rows: int,
+    candidate_rows: int | None = None,
+    vocab: int | None = None,
+    dense_min_batch: int | None = None,
+    n_clusters: int | None = None,
+) -> str:
+    """Why the dense head serves this batch, or "" where FlashHead does. Torch backend on CPU:
+    when the rows FlashHead scores for the batch (`n_rows * candidate_rows`) reach
+    DENSE_ROW_FACTOR heads (`vocab` rows each). Triton: when those rows reach one head (both
+    are bandwidth-bound, and FlashHead reads at least as many bytes), or at any batch for a
+    head of more than GPU_MAX_FAST_CLUSTERS clusters. `dense_min_batch` replaces the rule:
+    dense from that many rows on (0 = never)."""
     on_cpu_torch = backend == "torch" and torch.device(device).type == "cpu"
     if backend != "triton" and not on_cpu_torch:
-        return False
+        return ""
     if dense_min_batch is not None:
-        return dense_min_batch > 0 and n_rows >= dense_min_batch
+        if dense_min_batch > 0 and n_rows >= dense_min_batch:
+            return f"{n_rows} rows >= {ENV_DENSE_MIN_BATCH}={dense_min_batch}"
+        return ""
     if backend == "triton" and n_clusters is not None and n_clusters > GPU_MAX_FAST_CLUSTERS:
-        return True  # the top-p select, one program per row, costs more than the dense head
+        return (
+            f"{n_clusters} clusters > {GPU_MAX_FAST_CLUSTERS}: on a GPU the per-row top-p "
+            "select over that many centroids costs more than the dense head"
+        )
     if candidate_rows is None or vocab is None:
-        return False
-    # GPU: bandwidth-bound, dense once FlashHead would read as many weight rows.
+        return ""
     factor = DENSE_ROW_FACTOR if on_cpu_torch else 1
-    return n_rows * candidate_rows >= factor * vocab
+    if n_rows * candidate_rows >= factor * vocab:
+        return (
+            f"{n_rows} rows x {candidate_rows} candidates >= {factor} x V={vocab}: the dense "
+            "head reads fewer bytes"
+        )
+    return ""
 
 
 def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
@@ -214,6 +240,7 @@ __all__ = [
     "BackendError",
     "backend_ops",
     "describe_backend",
+    "dense_reason",
     "prefer_dense",
     "requested_backend",
     "resolve_backend",

@@ -3,14 +3,14 @@
 #   1. make flashhead importable (copy the package layout to /tmp),
 #   2. the kernel tests with the Triton interpreter OFF on CUDA tensors, the CUDA-graph and
 #      no-sync tests among them (tests/kernels/test_kernels_cuda_graphs.py),
-#   3. per-stage timings at the Llama-3.2 and Gemma-3 head shapes, both top-p select methods
-#      (scripts/gpu_stages.py); the faster select is used by the benches,
-#   4. `flashhead bench --device cuda`: vLLM's logits call, eager, with the CUDA-graph column,
-#      greedy and sampled rows, at both shapes.
-# Results go to $OUT (default ./gpu_out): gpu.txt, tests.log, stages.json, bench.json (every
-# bench's report), bench.err; a short summary is printed last (6 files: the device tool brings
-# back at most 8). GPU_CHECK_SWEEP=1 adds the old block-size sweep (not run by default:
-# the built-in blocks came from it).
+#   3. `flashhead bench --device cuda`: vLLM's logits call, eager on an idle GPU and behind a
+#      busy one, with the CUDA-graph column; greedy and sampled rows; both head shapes,
+#   4. per-stage timings at both shapes (scripts/gpu_stages.py), last: the least needed.
+# Results go to $OUT (default ./gpu_out): gpu.txt, tests.log, bench.json (every bench's report),
+# bench.err, stages.json, and a summary line after each bench (at most 8 files come back from
+# the device tool). GPU_CHECK_QUICK=1 (a rerun): only the kernel, logits and CUDA-graph tests,
+# three benches. GPU_CHECK_SWEEP=1: select warps and radix at every shape, the tokens-mode bench.
+# A full run took ~6 min on an H200 (tests 3 min); last results: docs/gpu-notes.md.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"

@@ -232,3 +232,27 @@ def test_without_vllm_the_doctor_says_to_install_it(env, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "vLLM:        not found (absent)" in out
     assert "FAIL: vLLM is not installed in this environment: install it (`pip install vllm`" in out
+
+
+def test_doctor_says_when_a_gpu_serves_the_model_dense(monkeypatch):
+    """A head of more clusters than the GPU select handles fast is served dense there: the
+    doctor says so next to the model (no silent fallback), and only where Triton would run."""
+    from flashhead import doctor
+    from flashhead.kernels.dispatch import GPU_MAX_FAST_CLUSTERS
+
+    gemma = {"valid": True, "n_clusters": 65536}
+    llama = {"valid": True, "n_clusters": 8016}
+    gpu, cpu = {"backend": "triton"}, {"backend": "torch"}
+    reason = doctor._gpu_dense_reason(gemma, gpu)
+    assert f"65536 clusters > {GPU_MAX_FAST_CLUSTERS}" in reason
+    assert doctor._gpu_dense_reason(llama, gpu) == ""
+    assert doctor._gpu_dense_reason(gemma, cpu) == ""
+    assert doctor._gpu_dense_reason({"valid": False}, gpu) == ""
+    monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "0")  # the user forces FlashHead
+    from flashhead import settings
+
+    settings.reset_for_tests()
+    try:
+        assert doctor._gpu_dense_reason(gemma, gpu) == ""
+    finally:
+        settings.reset_for_tests()

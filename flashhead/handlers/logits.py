@@ -358,17 +358,15 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                 # The core head may itself hand a batch to its dense GEMM (kernels/dispatch.py:
                 # faster there); say once per path which one served real steps, so tests and
                 # users can tell candidate retrieval from the dispatcher's dense choice.
-                path = (
-                    "dense-by-dispatcher"
-                    if head.uses_dense(len(plan.flash_rows()), hidden_states.device)
-                    else "flashhead"
-                )
+                why = _dispatcher_reason(head, len(plan.flash_rows()), hidden_states.device)
+                path = "dense-by-dispatcher" if why else "flashhead"
                 log_once(
                     f"path:{path}",
                     logging.INFO,
-                    "FlashHead: decode steps of %s served (path: %s)",
+                    "FlashHead: decode steps of %s served (path: %s)%s",
                     state.model,
                     path,
+                    f": {why}" if why else "",
                 )
                 if plan.source.endswith("-spec"):
                     log_once(
@@ -416,6 +414,14 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
     FlashHeadLogitsProcessor.__name__ = "FlashHeadLogitsProcessor"
     FlashHeadLogitsProcessor.__qualname__ = "FlashHeadLogitsProcessor"
     return FlashHeadLogitsProcessor
+
+
+def _dispatcher_reason(head: Any, n_rows: int, device: torch.device) -> str:
+    """Why the core head hands these rows to its dense GEMM, or "" (a sharded head: no text)."""
+    reason = getattr(head, "dense_reason", None)
+    if reason is not None:
+        return reason(n_rows, device)
+    return "the dispatcher's choice" if head.uses_dense(n_rows, device) else ""
 
 
 def _flashhead_state_for_current_model() -> _FlashHeadState | None:

@@ -132,6 +132,13 @@ def test_gpu_heads_with_too_many_clusters_go_dense():
     assert not dispatch.prefer_dense("triton", "cuda", 1, 40, 10**6, None, limit)
     assert not dispatch.prefer_dense("triton", "cuda", 1, 40, 10**6, 0, limit + 1)
     assert not dispatch.prefer_dense("torch", "cpu", 1, 40, 10**6, None, limit + 1)  # CPU: no
+    assert "4 rows x 40 candidates >= 1 x V=128" in dispatch.dense_reason(
+        "triton", "cuda", 4, 40, 128
+    )
+    assert (
+        dispatch.dense_reason("torch", "cpu", 4, 40, 10**6, 3)
+        == "4 rows >= FLASHHEAD_DENSE_MIN_BATCH=3"
+    )
     report = dispatch.describe_backend("cuda", KernelOptions(backend="auto"))
     if report["backend"] == "triton":
         assert str(limit) in report["gpu_max_clusters"]
