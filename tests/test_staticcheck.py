@@ -337,6 +337,28 @@ def test_readme_block_roundtrip(tmp_path, capsys):
     assert readme.read_text().endswith(f"{support_table.README_END}\n\nrest\n")
 
 
+def test_readme_keeps_a_result_this_cpu_cannot_measure(tmp_path):
+    """A release whose kernels die of SIGILL on CI's CPU (an AVX-512-only wheel on a machine
+    without AVX-512) keeps the README's measured cell, with a note; any other change is stale."""
+    sets = registry.load_patchsets().patchsets
+    measured = {
+        "releases": {"0.16.0": {"static_check": "ok", "runtime_check": "ok (serves flashhead)"}}
+    }
+    readme = support_table.render_markdown(support_table.build_rows(sets, measured))
+    lacking = f"{support_table.CPU_LIMITED} (SIGILL; this CPU: avx avx2)"
+    now = {"releases": {"0.16.0": {"static_check": "ok", "runtime_check": lacking}}}
+    rows, notes = support_table.keep_readme_where_cpu_limited(
+        support_table.build_rows(sets, now), readme
+    )
+    assert support_table.render_markdown(rows) == readme
+    assert notes == [f"0.16.0: {lacking}; the README keeps 'ok (serves flashhead)'"]
+    other = {"releases": {"0.16.0": {"static_check": "ok", "runtime_check": "smoke failed"}}}
+    rows, notes = support_table.keep_readme_where_cpu_limited(
+        support_table.build_rows(sets, other), readme
+    )
+    assert support_table.render_markdown(rows) != readme and not notes
+
+
 # ---- sdist fetching (local index: no network) --------------------------------------------------
 def _fake_release(links: Path) -> None:
     links.mkdir()

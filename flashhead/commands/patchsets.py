@@ -337,6 +337,10 @@ def run_table(args: argparse.Namespace) -> int:
         except support_table.SupportTableError as exc:
             return _fail(str(exc))
         if args.check_readme:
+            rows, notes = support_table.keep_readme_where_cpu_limited(rows, current)
+            markdown = support_table.render_markdown(rows)
+            for note in notes:
+                print(f"{path}: {note}")
             if current.strip() != markdown.strip():
                 print(
                     f"{path}: the support table is stale; run `flashhead patchsets table "
