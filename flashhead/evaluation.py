@@ -223,7 +223,7 @@ def evaluate(
     targets: Sequence[float] = DEFAULT_TARGETS,
     n_tokens: int = 4096,
     answer_tokens: int = 64,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
     check_end_to_end: bool = True,
     answers: int = 0,
@@ -239,6 +239,10 @@ def evaluate(
         names.append("text")
     model_dir = Path(model_dir)
     assets = load_assets(model_dir)
+    if dtype is None:  # bfloat16 as vLLM serves it, where this machine computes it fast
+        from flashhead.compute_dtype import fast_dtype
+
+        dtype = fast_dtype("cpu")
     model, tok = load_model(model_dir, dtype=dtype)
     weight = model.get_output_embeddings().weight.detach()
     ev = Evaluator(weight, assets)

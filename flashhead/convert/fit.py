@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flashhead.compute_dtype import fast_dtype
+
 _ROWS_PER_BLOCK = 256
 SOURCES = ("prose", "code", "chat", "self")
 
@@ -54,12 +56,13 @@ def cluster_max_logits(
     if int(sizes.min()) != s:
         raise ValueError("cluster_max_logits needs equal cluster sizes")
     order = torch.argsort(assignments, stable=True)
-    # bf16 GEMM: ~2.7x faster on CPU; the targets only need ~3 significant digits.
-    w = weight[order].to(torch.bfloat16)
+    # bf16 where it is fast (flashhead.compute_dtype): the targets need ~3 significant digits.
+    dtype = fast_dtype(weight.device)
+    w = weight[order].to(dtype)
     out = torch.empty(h.shape[0], n_clusters, dtype=torch.float32)
     top1 = torch.empty(h.shape[0], dtype=torch.int64)
     for start in range(0, h.shape[0], _ROWS_PER_BLOCK):
-        logits = h[start : start + _ROWS_PER_BLOCK].to(torch.bfloat16) @ w.T
+        logits = h[start : start + _ROWS_PER_BLOCK].to(dtype) @ w.T
         out[start : start + _ROWS_PER_BLOCK] = logits.view(-1, n_clusters, s).amax(dim=2).float()
         top1[start : start + _ROWS_PER_BLOCK] = order[logits.argmax(dim=1)]
     return out, top1
@@ -275,7 +278,7 @@ def sample_calibration(
     from flashhead.calibration.sampled import sampled_hidden_states
     from flashhead.calibration.texts import family_text
 
-    model, tok = load_model(model_dir, dtype=torch.bfloat16)
+    model, tok = load_model(model_dir, dtype=fast_dtype("cpu"))
     parts, sources = [], []
 
     def add(name: str, h: torch.Tensor) -> None:

@@ -56,6 +56,18 @@ BASE_ENV = {
 # Lean servers: the e2e suite must stay inside the CI budget. Eager mode: on this class of
 # machine torch.compile adds 20-30 s per start and the tests measure behaviour, not speed.
 SERVE_ARGS = ("--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager")
+
+
+def cpu_dtype_args(args: Sequence[str]) -> tuple[str, ...]:
+    """`--dtype float32` where the caller set no dtype and this CPU computes bf16 slowly (no
+    AVX-512-BF16 or AMX: torch's bf16 GEMM is ~200x slower than fp32 there); else nothing."""
+    if "--dtype" in args:
+        return ()
+    from flashhead.compute_dtype import bf16_is_fast
+
+    return () if bf16_is_fast("cpu") else ("--dtype", "float32")
+
+
 START_TIMEOUT_S = float(os.environ.get("FLASHHEAD_E2E_START_TIMEOUT", "420"))
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -109,7 +121,7 @@ class VllmServer:
         self.port = free_port()
         self.log_path = Path(log_path)
         self.env = vllm_env(env)
-        self.args = [*SERVE_ARGS, *args]
+        self.args = [*SERVE_ARGS, *cpu_dtype_args(args), *args]
         self.python = python or os.environ.get("FLASHHEAD_TEST_PYTHON") or sys.executable
         self.proc: subprocess.Popen | None = None
 
