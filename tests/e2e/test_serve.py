@@ -42,15 +42,6 @@ PROMPTS = [
 # default conversion (p=1120) answers 19 of them as dense does (docs/convert.md).
 ANSWER_FLOOR = 18
 
-
-def _cpu_has_avx512() -> bool:
-    """Where the floor was measured: vLLM's AVX-512 kernels (bf16). Without them its AVX2
-    kernels give other hidden states, and other answers (the xfail below)."""
-    import torch
-
-    return bool(getattr(torch.cpu, "_is_avx512_supported", lambda: True)())
-
-
 LONG_PROMPT = " ".join(
     ["The history of the city goes back many centuries, and its people tell stories of it."] * 22
 )
@@ -138,14 +129,6 @@ class TestDefaultProbes:
         assert sum(p > 0 for p in prefix) >= len(PROMPTS) - 1
         assert sum(p == n_tokens for p in prefix) >= 5
 
-    @pytest.mark.xfail(
-        not _cpu_has_avx512(),
-        reason="issue 10, open: on a CPU without AVX-512 vLLM runs its AVX2 kernels, and "
-        "SmolLM2 at the shipped p=1120 answers 17 of 20 as dense, 'Moby-Dick by Herman "
-        "Melville' becoming 'by Captain Jeb Stuart' (measured 2026-12-04, also before that "
-        "day's changes: 73b3885)",
-        strict=False,
-    )
     def test_held_out_questions_answered_as_dense(self, default_probe_servers, smollm2_fh):
         """Issue 10's user-level check: greedy chat answers to held-out questions (never used by
         convert), 48 tokens each, FlashHead at the served n_probes against dense.
