@@ -52,6 +52,11 @@ else
     || cannot "its requirements do not resolve next to torch==$plain (see pip's message above)"
 fi
 "$pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# PyPI's `kernels` (Hugging Face's kernel hub, pulled in by newer transformers) has the name of
+# this checkout's top-level kernels/ folder (installed as flashhead.kernels): with the checkout
+# on sys.path, transformers' `from kernels import ...` finds ours and fails at import. The hub
+# is optional to transformers and unused by vLLM on CPU.
+"$pip" uninstall -q -y kernels 2>/dev/null || true
 sp=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 di="$sp/vllm-$ver+cpu.dist-info"; mkdir -p "$di"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$ver" > "$di/METADATA"
