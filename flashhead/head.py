@@ -327,8 +327,9 @@ class FlashHead:
         n_rows, vocab = h.shape[0], self.vocab_size
         if out is not None and tuple(out.shape) != (n_rows, vocab):
             raise ValueError(f"out must be [{n_rows}, {vocab}], got {list(out.shape)}")
+        dense = bool(n_rows) and self.uses_dense(n_rows, h.device)
         if n_rows and dense_rows is None and out is None:  # the decode path
-            if self.uses_dense(n_rows, h.device):  # the dispatcher's choice: vLLM's own math
+            if dense:  # the dispatcher's choice: vLLM's own math
                 full = torch.nn.functional.linear(h, self.weight)
                 full = full if transform is None else transform(full)
                 return full.to(dtype or torch.float32)
@@ -343,7 +344,7 @@ class FlashHead:
             out = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device)
         if n_rows == 0:
             return _as(out, dtype)  # the stages cannot run on an empty batch
-        if self.uses_dense(n_rows, h.device):
+        if dense:
             return _as(self._dense_logits(h, None, out, transform), dtype)
         if dense_rows is None:
             # The decode path (the handler passes FlashHead rows only): no mask to split on, so
