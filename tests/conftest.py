@@ -12,6 +12,15 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 FIXTURES_DIR = TESTS_DIR / "fixtures"
 
+# The checkout's kernels/ and compat/ install as flashhead.kernels and flashhead.compat; under
+# their bare names they shadow PyPI packages (transformers >= 5.25 imports Hugging Face's
+# `kernels` at load time). `python -m pytest` puts the checkout first on sys.path: it stays, for
+# `tests.helpers`, but last; child processes (`python -m flashhead.cli`, vLLM servers) leave the
+# working directory off their path altogether (PYTHONSAFEPATH, Python >= 3.11).
+_checkout = [p for p in sys.path if Path(p or ".").resolve() == REPO_ROOT]
+sys.path[:] = [p for p in sys.path if p not in _checkout] + _checkout[:1]
+os.environ["PYTHONSAFEPATH"] = "1"
+
 # Fake host libraries (tests/fixtures/fakelib) import as top-level packages, like vLLM would.
 if str(FIXTURES_DIR) not in sys.path:
     sys.path.insert(0, str(FIXTURES_DIR))
