@@ -120,6 +120,29 @@ def _check_model(model_dir: str) -> dict[str, Any]:
     return out
 
 
+def shadowing_checkout() -> list[str]:
+    """Installed packages that this checkout's top-level folders hide: `python -m` from a
+    flashhead checkout puts it first on sys.path, and its kernels/ then imports in place of
+    PyPI's `kernels`, which transformers >= 5.25 imports (every vLLM import fails)."""
+    import importlib.util
+    from importlib.machinery import PathFinder
+
+    out = []
+    for name in ("kernels", "compat"):
+        ours = importlib.util.find_spec(f"flashhead.{name}")
+        found = importlib.util.find_spec(name)
+        if not (ours and ours.origin and found and found.origin):
+            continue
+        folder = Path(ours.origin).resolve().parent
+        if Path(found.origin).resolve().parent != folder:
+            continue
+        rest = [e for e in sys.path if Path(e or ".").resolve() != folder.parent]
+        hidden = PathFinder.find_spec(name, rest)
+        if hidden is not None and hidden.origin:
+            out.append(f"`import {name}` finds this checkout's {folder}/, not {hidden.origin}")
+    return out
+
+
 def build_report(model_dir: str | None = None, *, directory: Path | None = None) -> dict[str, Any]:
     engine = PatchEngine(kinds=vllm_kinds())
     process = ProcessInfo("main", "flashhead doctor", os.getpid())
@@ -158,6 +181,7 @@ def build_report(model_dir: str | None = None, *, directory: Path | None = None)
         },
         "note": act.note,
         "problems": list(act.problems),
+        "shadowed": shadowing_checkout(),
         "patches": records,
         "runner": _default_runner(act),
         "kernel_backend": _kernel_backend(),
@@ -270,6 +294,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("patchset problems:")
         lines += [f"  {p}" for p in report["problems"]]
     lines.append("")
+    for shadow in report.get("shadowed", []):
+        lines.append(
+            f"WARN: {shadow} (vLLM's imports through transformers fail then): run from "
+            "another directory, or set PYTHONSAFEPATH=1"
+        )
     if report["ok"]:
         lines.append("OK: every required patch applies")
     elif report["required_failed"]:

@@ -18,6 +18,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
+# Not the checkout on sys.path: its kernels/ would shadow PyPI's `kernels` (see scripts/test.sh).
+export PYTHONSAFEPATH=1
 results="$repo/patchsets/support.json"
 jobs="${JOBS:-6}"
 releases=""

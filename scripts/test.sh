@@ -13,6 +13,10 @@ fast=0; [ "${1:-}" = "--fast" ] && fast=1
 export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export PYTHONUNBUFFERED=1
+# `python -m` from the checkout would put it first on sys.path, and its top-level kernels/
+# (installed as flashhead.kernels) would shadow PyPI's `kernels`, which transformers >= 5.25
+# imports: every vLLM import then fails (tests/conftest.py does the same for pytest's children).
+export PYTHONSAFEPATH=1
 V32=$FLASHHEAD_CACHE/venvs/vllm-0.32.0
 V27=$FLASHHEAD_CACHE/venvs/vllm-0.27.1
 # One release per patchset family beyond the two full suites (0.27.1 for vllm-0.26.yaml, 0.32.0

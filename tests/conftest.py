@@ -14,11 +14,10 @@ FIXTURES_DIR = TESTS_DIR / "fixtures"
 
 # The checkout's kernels/ and compat/ install as flashhead.kernels and flashhead.compat; under
 # their bare names they shadow PyPI packages (transformers >= 5.25 imports Hugging Face's
-# `kernels` at load time). `python -m pytest` puts the checkout first on sys.path: it stays, for
-# `tests.helpers`, but last; child processes (`python -m flashhead.cli`, vLLM servers) leave the
-# working directory off their path altogether (PYTHONSAFEPATH, Python >= 3.11).
-_checkout = [p for p in sys.path if Path(p or ".").resolve() == REPO_ROOT]
-sys.path[:] = [p for p in sys.path if p not in _checkout] + _checkout[:1]
+# `kernels`). `python -m pytest` puts the checkout first on sys.path: it goes last instead (it
+# is there for `tests.helpers`, also under PYTHONSAFEPATH), and child processes (`python -m
+# flashhead.cli`, vLLM servers) leave the working directory off their path (PYTHONSAFEPATH).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT] + [str(REPO_ROOT)]
 os.environ["PYTHONSAFEPATH"] = "1"
 
 # Fake host libraries (tests/fixtures/fakelib) import as top-level packages, like vLLM would.
