@@ -8,6 +8,8 @@
 # usage: scripts/matrix.sh [--results FILE] [--clean] X [X ...]
 #   --results FILE  merge outcomes into FILE (default: $FLASHHEAD_CACHE/matrix.json)
 #   --clean         delete each release's venv after its smoke (CUDA-torch venvs are 4-8 GB)
+# $PYTHON (default python3) records the outcomes: it must import an *installed* flashhead
+# (flashhead.compat lives in compat/, so PYTHONPATH=<checkout> is not enough).
 # exit: 0 all smokes passed (or the release cannot be installed here), 1 a smoke failed.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,16 +20,25 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --results) results="$2"; shift 2 ;;
     --clean) clean=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     -*) echo "matrix.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     *) releases+=("$1"); shift ;;
   esac
 done
 [ ${#releases[@]} -gt 0 ] || { echo "matrix.sh: name at least one release, e.g. 0.23.0" >&2; exit 2; }
 
+recorder=${PYTHON:-python3}
+# Checked before any venv is built: a recorder that cannot import the table code would otherwise
+# fail after the first release (CI 2026-12-04: 44 minutes in).
+if ! "$recorder" -c "import flashhead.support_table" 2>/dev/null; then
+  echo "matrix.sh: $recorder cannot import flashhead.support_table; set PYTHON to an interpreter" \
+    "with this checkout installed (pip install -e $repo)" >&2
+  exit 2
+fi
+
 record() {  # release, outcome, seconds: merged with the support table's own results I/O
   mkdir -p "$(dirname "$results")"
-  PYTHONPATH="$repo" python3 - "$results" "$1" "$2" "$3" <<'EOF'
+  "$recorder" - "$results" "$1" "$2" "$3" <<'EOF'
 import sys
 from pathlib import Path
 from flashhead.support_table import load_results, write_results

@@ -71,7 +71,7 @@ if [ -n "$static_pid" ]; then
   tail -40 "$FLASHHEAD_CACHE/static-check.log"
   # The matrix adds its run-time outcomes to the same results file the table is checked against.
   log "run-time matrix: ${MATRIX_RELEASES}"
-  scripts/matrix.sh --clean --results "$FLASHHEAD_CACHE/support-ci.json" ${MATRIX_RELEASES}
+  PYTHON="$V32/bin/python" scripts/matrix.sh --clean --results "$FLASHHEAD_CACHE/support-ci.json" ${MATRIX_RELEASES}
   "$V32/bin/flashhead" patchsets table --results "$FLASHHEAD_CACHE/support-ci.json" --check-readme README.md
 fi
 log "all green"
