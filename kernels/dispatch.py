@@ -135,7 +135,8 @@ def dense_reason(
     if backend == "triton" and n_clusters is not None and n_clusters > GPU_MAX_FAST_CLUSTERS:
         return (
             f"{n_clusters} clusters > {GPU_MAX_FAST_CLUSTERS}: on a GPU the per-row top-p "
-            "select over that many centroids costs more than the dense head"
+            "select over that many stage-1 keys (centroids, or int4 head rows) costs more than "
+            "the dense head"
         )
     if candidate_rows is None or vocab is None:
         return ""
@@ -149,13 +150,15 @@ def dense_reason(
 
 
 def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
-    """Object with `probe_keys(...)`, `select_probes(...)`, `candidate_scores(...)` and
-    `candidate_logits(...)` for the chosen backend, with `options` bound."""
+    """Object with `probe_keys(...)`, `probe_keys_int4(...)`, `select_probes(...)`,
+    `candidate_scores(...)` and `candidate_logits(...)` for the chosen backend, with `options`
+    bound."""
     if backend == "triton":
         from flashhead.kernels import triton_ops
 
         return SimpleNamespace(
             probe_keys=functools.partial(triton_ops.probe_keys, options=options),
+            probe_keys_int4=functools.partial(triton_ops.probe_keys_int4, options=options),
             select_probes=functools.partial(triton_ops.select_probes, options=options),
             candidate_scores=functools.partial(triton_ops.candidate_scores, options=options),
             candidate_logits=functools.partial(triton_ops.candidate_logits, options=options),
@@ -165,6 +168,7 @@ def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
     if backend == "reference":
         return SimpleNamespace(
             probe_keys=reference.probe_keys,
+            probe_keys_int4=reference.probe_keys_int4,
             select_probes=reference.select_probes,
             candidate_scores=reference.candidate_scores,
             candidate_logits=reference.candidate_logits,
@@ -172,6 +176,7 @@ def backend_ops(backend: str, options: KernelOptions = DEFAULT_OPTIONS) -> Any:
 
     return SimpleNamespace(
         probe_keys=functools.partial(reference.probe_keys, fast=True),
+        probe_keys_int4=functools.partial(reference.probe_keys_int4, fast=True),
         select_probes=reference.select_probes,
         candidate_scores=functools.partial(
             reference.candidate_scores, fast=True, compile=options.cpu_compile

@@ -6,6 +6,8 @@ in shared torch code (`flashhead.head`) and passed in:
 1. `probe_keys(h, cent_q, cent_scale, inv_t, noise)` -> [B, c] float32:
    `s = (h . q_c) * scale_c` (int8 centroids, per-row scale: the paper's low-precision stage 1);
    rows with inverse temperature `inv_t > 0` get `s * inv_t + gumbel` (Gumbel-top-k), others `s`.
+   `probe_keys_int4(h, rows, inv_t, noise)` -> [B, n] float32 is the same on every head row at
+   int4 (`int4_rows.Int4Rows`, per-group scale and zero) instead of the centroids.
    `select_probes(keys, p, n_special_clusters)` -> [B, P] int64: the p largest keys per row (ties
    to the smallest cluster id) in ascending cluster order, then the special-token clusters.
 2. `candidate_scores(h, index, probes, inv_t, noise)` -> (scores [B, K] float32, tokens [B]):
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.int4_rows import Int4Rows, dequantize_int4_rows, unpack_int4
 from flashhead.kernels.logit_transform import LogitTransform
 
 
@@ -79,6 +82,108 @@ def _dequantized(
     cached = None if buffers is None else buffers.get(key)
     if cached is None:
         cached = (q.float() * scale.unsqueeze(1)).to(dtype)
+        if buffers is not None:
+            buffers[key] = cached
+    return cached
+
+
+def probe_keys_int4(
+    h: torch.Tensor,
+    rows: Int4Rows,
+    inv_t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    fast: bool = False,
+    buffers: dict | None = None,
+) -> torch.Tensor:
+    """Stage 1 on int4 rows: [B, n] float32 scores `h . dequant(row)` of every row, perturbed
+    for sampled rows like `probe_keys`.
+
+    Reference: exact fp32 math on the dequantized rows (blocked over rows). CPU fast path: torch's
+    int4 weight-only kernel where it exists and wins (bf16 activations, scales and output, fp32
+    accumulation), else a dequantized copy in h's dtype; `buffers` (the head's own dict) keeps
+    either form between calls."""
+    if h.shape[1] != rows.hidden_size:
+        raise ValueError(f"h has {h.shape[1]} columns, the int4 rows {rows.hidden_size}")
+    if fast and h.device.type == "cpu":
+        if _int4_mm_ok(h, rows):
+            packed, scales_and_zeros = _int4_packed(rows, buffers)
+            scores = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                h.to(torch.bfloat16).contiguous(), packed, rows.group, scales_and_zeros
+            )
+            scores = scores[:, : rows.n_rows].float()
+        else:
+            w = _dequantized_int4(rows, h.dtype, buffers)
+            scores = torch.nn.functional.linear(h, w).float()
+    else:
+        hf = h.float()
+        scores = torch.empty(h.shape[0], rows.n_rows, dtype=torch.float32, device=h.device)
+        step = _INT4_REF_ROWS
+        for start in range(0, rows.n_rows, step):
+            stop = min(rows.n_rows, start + step)
+            scores[:, start:stop] = hf @ dequantize_int4_rows(rows.slice(start, stop)).t()
+    return _perturb(scores, inv_t, noise)
+
+
+_INT4_REF_ROWS = 8192  # rows dequantized at a time by the reference (8192 x 640 fp32: 21 MB)
+# torch's CPU int4 kernel: the groups it supports, and its packing: N in multiples of 16 (tail
+# padded with zero rows here), packed in blocks of a multiple of 64 rows (its N tile: blocks of
+# 64k rows concatenate to the same bytes as one whole-head pack, without a [n, d] int32 copy).
+_INT4_MM_GROUPS = (32, 64, 128, 256)
+_INT4_PACK_ROWS = 4096
+# When torch's int4 kernel beats the GEMM of a dequantized copy in h's dtype. Measured on this
+# 2-core AVX2 machine, 1 thread, V=49152 x d=576 (groups of 32), int4 kernel vs dense GEMM:
+#   bf16 h: B=1 5.0-6.5 vs 9.5-9.9 ms, B=2 5.4-6.9 vs 14-18, B=8 17-22 vs 59-71, B=32 74-84 vs
+#   270-290, B=128 335 vs 987 (fp16 GEMM: 243 ms at B=32), so 16-bit h always takes it;
+#   fp32 h: B=1 5.8 vs 17-20, B=2 7.1 vs 37-39, B=8 21 vs 46, B=16 47 vs 65, B=24-48 a tie
+#   (72/110/123 vs 70/108/124), B=64 180 vs 100, B=128 337 vs 203. Ties go to the int4 kernel:
+#   the fallback caches a full fp32 copy of the rows (670 MB for 262144 x 640).
+_INT4_MM_MAX_BATCH_FP32 = 48
+
+
+def _int4_mm_ok(h: torch.Tensor, rows: Int4Rows) -> bool:
+    if not (
+        hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    ):
+        return False
+    if rows.group not in _INT4_MM_GROUPS or rows.hidden_size % rows.group:
+        return False
+    return h.dtype != torch.float32 or h.shape[0] <= _INT4_MM_MAX_BATCH_FP32
+
+
+def _int4_packed(rows: Int4Rows, buffers: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales_and_zeros) in the layout of torch's CPU int4 kernel, cached in the
+    caller's buffers (see `_dequantized`). torch dequantizes `(q - 8) * scale + zero2`, so
+    zero2 = zero + 8 * scale; both are bf16 [d // group, n, 2]."""
+    key = ("int4pack", rows.group)
+    cached = None if buffers is None else buffers.get(key)
+    if cached is None:
+        n = rows.n_rows
+        n_pad = -(-n // 16) * 16
+        step = _INT4_PACK_ROWS
+        parts = []
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            codes = unpack_int4(rows.q[start:stop]).to(torch.int32)
+            if stop == n and n_pad > n:
+                codes = torch.nn.functional.pad(codes, (0, 0, 0, n_pad - n))
+            parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+        scale = torch.nn.functional.pad(rows.scale, (0, 0, 0, n_pad - n))
+        zero = torch.nn.functional.pad(rows.zero, (0, 0, 0, n_pad - n))
+        scales_and_zeros = torch.stack([scale.t(), (zero + 8 * scale).t()], dim=2)
+        cached = (packed, scales_and_zeros.to(torch.bfloat16).contiguous())
+        if buffers is not None:
+            buffers[key] = cached
+    return cached
+
+
+def _dequantized_int4(rows: Int4Rows, dtype: torch.dtype, buffers: dict | None) -> torch.Tensor:
+    key = ("int4_dequant", dtype)
+    cached = None if buffers is None else buffers.get(key)
+    if cached is None:
+        cached = dequantize_int4_rows(rows, dtype)
         if buffers is not None:
             buffers[key] = cached
     return cached

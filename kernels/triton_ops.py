@@ -3,6 +3,12 @@
 - `_probe_keys_kernel`: stage 1 (int8 centroids, fp32 accumulate, per-centroid scale) fused with
   the Gumbel perturbation of sampled rows, so selection reads finished keys. Top-p selection
   itself is `_select_kernel` (one program per row; a global top-p needs all keys anyway).
+- `_probe_keys_int4_kernel`: stage 1 on int4 rows (`int4_rows.Int4Rows`: every vocabulary row at
+  4 bits, per-group scale and zero). Each K step is one group of packed columns: `x & 15` is
+  that group of the row's first half, `x >> 4` the same group of its second half, each with
+  one scale and zero per row. The codes 0..15 go into the dot unscaled (exact in bf16/fp16, so
+  the GPU dot multiplies exactly in h's dtype), and the group applies after it:
+  `key += scale * (q . h_g) + zero * sum(h_g)`, all in fp32; the perturbation is fused as above.
 - `_select_kernel`: exact top-p per row by bisection on order-preserving integer keys, ties to
   the smallest cluster id, written in ascending cluster order plus the special clusters.
 - `_candidates_kernel`: stage 2 fused with the argmax / Gumbel-max pick. Each program scores
@@ -28,6 +34,7 @@ import triton
 import triton.language as tl
 
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.int4_rows import Int4Rows
 from flashhead.kernels.logit_transform import LogitTransform
 from flashhead.kernels.options import DEFAULT_OPTIONS, SELECT_METHODS, KernelOptions
 from flashhead.kernels.triton_mode import triton_interpreting
@@ -344,6 +351,120 @@ def probe_keys(
         h, cent_q, cent_scale, it, nz, out,
         n_rows, c, d, h.stride(0), cent_q.stride(0), nz.stride(0), out.stride(0),
         HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+        DOT_MODE=_dot_mode(h.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _probe_keys_int4_kernel(
+    h_ptr, q_ptr, scale_ptr, zero_ptr, invt_ptr, noise_ptr, out_ptr,
+    B, N, HALF, stride_h, stride_q, stride_g, stride_n, stride_o,
+    GROUP: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, GROUP)
+    mb = rb < B
+    mn = rn < N
+    rn64 = rn.to(tl.int64)
+    n_half_groups = HALF // GROUP  # groups per half: the high half's group g is g + this
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for g in range(0, n_half_groups):
+        k0 = g * GROUP
+        # One packed tile [BLOCK_N, GROUP] holds this group of both halves (the quantizer never
+        # lets a group straddle them): columns k0.. in the low nibbles, HALF + k0.. in the high.
+        x = tl.load(
+            q_ptr + rn64[:, None] * stride_q + (k0 + rk)[None, :], mask=mn[:, None], other=0
+        )
+        h_lo = tl.load(
+            h_ptr + rb[:, None] * stride_h + (k0 + rk)[None, :], mask=mb[:, None], other=0.0
+        )
+        h_hi = tl.load(
+            h_ptr + rb[:, None] * stride_h + (HALF + k0 + rk)[None, :], mask=mb[:, None], other=0.0
+        )
+        lo = x & 15
+        hi = x >> 4
+        if DOT_MODE == 0:  # interpreter: exact fp32 (its bf16 dot is wrong)
+            h_lo = h_lo.to(tl.float32)
+            h_hi = h_hi.to(tl.float32)
+            dot_lo = tl.dot(lo.to(tl.float32), tl.trans(h_lo), input_precision="ieee")
+            dot_hi = tl.dot(hi.to(tl.float32), tl.trans(h_hi), input_precision="ieee")
+        elif DOT_MODE == 1:  # bf16/fp16 h: codes 0..15 are exact in h's dtype, fp32 sum
+            dot_lo = tl.dot(lo.to(h_lo.dtype), tl.trans(h_lo))
+            dot_hi = tl.dot(hi.to(h_hi.dtype), tl.trans(h_hi))
+        else:  # fp32 h: 3-pass tf32 on tensor cores, ~fp32 accuracy
+            dot_lo = tl.dot(lo.to(tl.float32), tl.trans(h_lo), input_precision="tf32x3")
+            dot_hi = tl.dot(hi.to(tl.float32), tl.trans(h_hi), input_precision="tf32x3")
+        sum_lo = tl.sum(h_lo.to(tl.float32), axis=1)
+        sum_hi = tl.sum(h_hi.to(tl.float32), axis=1)
+        sz = rn64 * stride_g + g
+        s_lo = tl.load(scale_ptr + sz, mask=mn, other=0.0)
+        z_lo = tl.load(zero_ptr + sz, mask=mn, other=0.0)
+        s_hi = tl.load(scale_ptr + sz + n_half_groups, mask=mn, other=0.0)
+        z_hi = tl.load(zero_ptr + sz + n_half_groups, mask=mn, other=0.0)
+        acc += s_lo[:, None] * dot_lo + z_lo[:, None] * sum_lo[None, :]
+        acc += s_hi[:, None] * dot_hi + z_hi[:, None] * sum_hi[None, :]
+    keys = acc
+    mask = mn[:, None] & mb[None, :]
+    if HAS_NOISE:
+        inv_t = tl.load(invt_ptr + rb, mask=mb, other=0.0)
+        nz = tl.load(noise_ptr + rb[None, :] * stride_n + rn[:, None], mask=mask, other=0.0)
+        keys = tl.where(inv_t[None, :] > 0, keys * inv_t[None, :] + nz, keys)
+    tl.store(out_ptr + rb[None, :] * stride_o + rn[:, None], keys, mask=mask)
+
+
+def _probe_int4_blocks(
+    n_rows: int, n: int, options: KernelOptions = DEFAULT_OPTIONS
+) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, num_warps, num_stages) for stage 1 on int4 rows; the K step is the
+    group. `options.triton_stage1_blocks` overrides it too (its BLOCK_D is ignored)."""
+    if _interpreting():
+        return min(max(16, _pow2(n_rows)), 64), min(max(16, _pow2(n)), 1024), 4, 1
+    if options.triton_stage1_blocks:
+        block_b, block_n, _, warps, stages = options.triton_stage1_blocks
+        return block_b, block_n, warps, stages
+    # Untimed on a GPU yet: stage 1's centroid shape (small N blocks: 49152 rows give 1536
+    # programs at B=1).
+    return (16 if n_rows <= 16 else 32), 32, 4, 4
+
+
+def probe_keys_int4(
+    h: torch.Tensor,
+    rows: Int4Rows,
+    inv_t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    buffers: dict | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """Stage 1 keys [B, n] float32 on int4 rows; semantics of `reference.probe_keys_int4`
+    (`buffers` unused)."""
+    _check_device(h, rows.q)
+    n_rows, d = h.shape
+    if d != rows.hidden_size:
+        raise ValueError(f"h has {d} columns, the int4 rows {rows.hidden_size}")
+    if rows.group < MIN_DOT_K or (d // 2) % rows.group:
+        raise ValueError(f"int4 group {rows.group}: need a multiple of {MIN_DOT_K} dividing d/2")
+    n = rows.n_rows
+    block_b, block_n, warps, stages = _probe_int4_blocks(n_rows, n, options)
+    assert block_b >= 16 and block_n >= 16, "tl.dot needs M, N >= 16"
+    h = h.contiguous()
+    q = rows.q.contiguous()
+    scale = rows.scale.contiguous()
+    zero = rows.zero.contiguous()
+    out = torch.empty(n_rows, n, dtype=torch.float32, device=h.device)
+    has_noise = inv_t is not None and noise is not None
+    nz = noise.contiguous() if has_noise else out
+    it = inv_t.contiguous() if has_noise else out
+    grid = (triton.cdiv(n, block_n), triton.cdiv(n_rows, block_b))
+    _probe_keys_int4_kernel[grid](
+        h, q, scale, zero, it, nz, out,
+        n_rows, n, d // 2, h.stride(0), q.stride(0), scale.stride(0), nz.stride(0), out.stride(0),
+        GROUP=rows.group, HAS_NOISE=has_noise, BLOCK_B=block_b, BLOCK_N=block_n,
         DOT_MODE=_dot_mode(h.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
