@@ -10,6 +10,10 @@ Layout (compatible with the published FlashHead models):
   Upstream stores centroids as `[d, c]`, sometimes with leading singleton dims (`[1, 1, d, c]`).
   `[c, d]` is accepted too when the shape is unambiguous (see `_orient_centroids`); writing always
   uses upstream's `[d, c]`. `cluster_assignments` is `[V]`, an integer cluster id per token.
+- `flash_head_stage1` (optional) says what stage 1 scores: `"centroids"` (the default, upstream's
+  format) or `"head_int4"`: every token is its own cluster and stage 1 scores the head's own rows
+  quantized to int4 at load time (`flashhead.kernels.int4_rows`). A `head_int4` cache holds only
+  `cluster_assignments` (a permutation of the vocabulary); the config must give `hidden_size`.
 - Only safetensors is read: pickle-based caches (`.bin`, `.pt`, `.pth`, `.pkl`) are refused,
   because loading them can run arbitrary code.
 
@@ -38,6 +42,9 @@ import torch
 CACHE_FILE = "clustering_cache.safetensors"
 CONFIG_FILE = "config.json"
 CACHE_DIR_KEY = "flash_head_cache_dir"
+STAGE1_KEY = "flash_head_stage1"
+# What stage 1 scores: fitted/mean centroids (int8 at load), or the head's own rows (int4 at load).
+STAGE1_KINDS = ("centroids", "head_int4")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 # Padding budget for unequal clusters: the cluster-major copy may have at most this many rows per V.
 MAX_PADDED_ROWS_PER_TOKEN = 1.125
@@ -61,10 +68,12 @@ class FlashHeadAssetError(ValueError):
 class FlashHeadAssets:
     model_dir: Path
     cache_dir: Path
-    centroids: torch.Tensor  # [c, d] float32
+    centroids: torch.Tensor  # [c, d] float32; [c, 0] with stage1 "head_int4" (no centroids)
     assignments: torch.Tensor  # [V] int64
     n_probes: int
     special_token_ids: list[int] = field(default_factory=list)
+    stage1: str = "centroids"  # one of STAGE1_KINDS
+    hidden: int | None = None  # the head's width where there are no centroids to tell it
 
     @property
     def n_clusters(self) -> int:
@@ -72,7 +81,7 @@ class FlashHeadAssets:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.centroids.shape[1])
+        return int(self.hidden if self.hidden is not None else self.centroids.shape[1])
 
     @property
     def vocab_size(self) -> int:
@@ -238,22 +247,37 @@ def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> 
             repr(cfg.get(CACHE_DIR_KEY)),
             "use a FlashHead model, or make one with `flashhead convert`",
         )
+    stage1 = cfg.get(STAGE1_KEY, "centroids")
+    if stage1 not in STAGE1_KINDS:
+        raise FlashHeadAssetError(
+            cfg_file,
+            STAGE1_KEY,
+            " or ".join(repr(k) for k in STAGE1_KINDS),
+            repr(stage1),
+            f"remove {STAGE1_KEY} (centroids) or rebuild the model with `flashhead convert`",
+        )
     cache_dir = _resolve_cache_dir(model_dir, cfg, cfg_file)
     path = _find_cache_file(cache_dir)
+    wanted = (
+        ("cluster_assignments",) if stage1 == "head_int4" else ("centroids", "cluster_assignments")
+    )
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-            missing = [k for k in ("centroids", "cluster_assignments") if k not in keys]
+            missing = [k for k in wanted if k not in keys]
             if missing:
                 raise FlashHeadAssetError(
                     path,
                     ",".join(missing),
-                    "tensors 'centroids' and 'cluster_assignments'",
+                    " and ".join(f"tensor '{k}'" for k in wanted),
                     f"keys {sorted(keys)}",
                     "rebuild the cache with `flashhead convert`",
                 )
-            raw_centroids = f.get_tensor("centroids")
             raw_assign = f.get_tensor("cluster_assignments")
+            if stage1 == "head_int4":
+                raw_centroids = None
+            else:
+                raw_centroids = f.get_tensor("centroids")
     except FlashHeadAssetError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -265,7 +289,7 @@ def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> 
             "re-download or rebuild the cache",
         ) from exc
 
-    if not raw_centroids.is_floating_point():
+    if raw_centroids is not None and not raw_centroids.is_floating_point():
         raise FlashHeadAssetError(
             path,
             "centroids",
@@ -307,7 +331,12 @@ def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> 
     hidden = hidden if isinstance(hidden, int) else None
 
     n_assigned = int(assignments.max().item()) + 1 if vocab else 0
-    centroids = _orient_centroids(raw_centroids, n_assigned, hidden, path)
+    if raw_centroids is None:
+        _check_head_int4(assignments, hidden, path, cfg_file)
+        raw_centroids = torch.empty(n_assigned, 0)
+    else:
+        raw_centroids = _orient_centroids(raw_centroids, n_assigned, hidden, path)
+    centroids = raw_centroids
     centroids = centroids.to(torch.float32).contiguous()
     n_clusters = int(centroids.shape[0])
     if not bool(torch.isfinite(centroids).all()):
@@ -383,7 +412,38 @@ def load_assets(model_dir: str | os.PathLike, config: Mapping | None = None) -> 
         assignments=assignments,
         n_probes=int(n_probes),
         special_token_ids=specials,
+        stage1=stage1,
+        hidden=hidden if stage1 == "head_int4" else None,
     )
+
+
+def _check_head_int4(
+    assignments: torch.Tensor, hidden: int | None, path: Path, cfg_file: Path
+) -> None:
+    """A head_int4 cache: one token per cluster (a permutation of the vocabulary) and a known
+    head width (stage 1 quantizes the head's own rows, so no tensor says how wide it is)."""
+    vocab = int(assignments.numel())
+    if (
+        int(assignments.min()) != 0
+        or int(assignments.max()) != vocab - 1
+        or bool((torch.bincount(assignments, minlength=vocab) != 1).any())
+    ):
+        raise FlashHeadAssetError(
+            path,
+            "cluster_assignments",
+            f'every token in a cluster of its own ({STAGE1_KEY} "head_int4": ids 0..{vocab - 1}, '
+            "each once)",
+            f"ids {int(assignments.min())}..{int(assignments.max())} over {vocab} tokens",
+            f"rebuild with `flashhead convert --stage1 head-int4`, or drop {STAGE1_KEY}",
+        )
+    if hidden is None:
+        raise FlashHeadAssetError(
+            cfg_file,
+            "hidden_size",
+            f'the head\'s width (an integer; {STAGE1_KEY} "head_int4" stores no centroids)',
+            "missing",
+            "keep the model's hidden_size in config.json (flashhead convert writes it)",
+        )
 
 
 def _validate_specials(specials: Any, vocab: int, cfg_file: Path) -> list[int]:
@@ -416,17 +476,20 @@ def _validate_specials(specials: Any, vocab: int, cfg_file: Path) -> list[int]:
 
 def write_assets(
     model_dir: str | os.PathLike,
-    centroids: torch.Tensor,
+    centroids: torch.Tensor | None,
     assignments: torch.Tensor,
     *,
     n_probes: int,
     special_token_ids: Sequence[int] = (),
     cache_dir: str = "flash_head_cache",
+    stage1: str = "centroids",
 ) -> Path:
     """Write `<model_dir>/<cache_dir>/clustering_cache.safetensors` (centroids in upstream's
     [d, c] layout) and set the FlashHead keys in `<model_dir>/config.json`. Returns the cache file.
 
-    `centroids` is [c, d]. The result is validated by reading it back with `load_assets`.
+    `centroids` is [c, d]. With `stage1="head_int4"` it is None and `assignments` puts every
+    token in a cluster of its own (no centroids are stored: stage 1 scores the head's rows).
+    The result is validated by reading it back with `load_assets`.
     """
     from safetensors.torch import save_file
 
@@ -439,26 +502,33 @@ def write_assets(
             repr(cache_dir),
             "pass a plain relative name such as 'flash_head_cache'",
         )
-    if centroids.dim() != 2:
-        raise ValueError(f"write_assets: centroids must be [c, d], got {list(centroids.shape)}")
-    c = int(centroids.shape[0])
+    if stage1 not in STAGE1_KINDS:
+        raise ValueError(f"write_assets: stage1 {stage1!r}: expected one of {STAGE1_KINDS}")
+    tensors = {"cluster_assignments": assignments.detach().to(torch.int64).contiguous().cpu()}
+    if stage1 == "head_int4":
+        if centroids is not None:
+            raise ValueError("write_assets: stage1 head_int4 stores no centroids (pass None)")
+        c = int(assignments.numel())
+    else:
+        if centroids is None or centroids.dim() != 2:
+            shape = None if centroids is None else list(centroids.shape)
+            raise ValueError(f"write_assets: centroids must be [c, d], got {shape}")
+        c = int(centroids.shape[0])
+        tensors["centroids"] = centroids.detach().to(torch.float32).t().contiguous().cpu()
     folder = model_dir / cache_dir
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / CACHE_FILE
-    save_file(
-        {
-            "centroids": centroids.detach().to(torch.float32).t().contiguous().cpu(),
-            "cluster_assignments": assignments.detach().to(torch.int64).contiguous().cpu(),
-        },
-        str(target),
-        metadata={"format": "pt", "layout": "centroids[d,c]"},
-    )
+    save_file(tensors, str(target), metadata={"format": "pt", "layout": "centroids[d,c]"})
     cfg_path = model_dir / CONFIG_FILE
     cfg = _read_config(model_dir) if cfg_path.exists() else {}
     cfg[CACHE_DIR_KEY] = cache_dir
     cfg["n_probes"] = int(n_probes)
     cfg["n_clusters"] = c
     cfg["flash_head_special_token_ids"] = sorted({int(t) for t in special_token_ids})
+    if stage1 == "centroids":
+        cfg.pop(STAGE1_KEY, None)  # upstream's format: readable by every FlashHead loader
+    else:
+        cfg[STAGE1_KEY] = stage1
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
     load_assets(model_dir)  # fail at write time, not at serve time
     return target
@@ -466,6 +536,7 @@ def write_assets(
 
 __all__ = [
     "CACHE_FILE",
+    "STAGE1_KINDS",
     "FlashHeadAssetError",
     "FlashHeadAssets",
     "is_flashhead_config",

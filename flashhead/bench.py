@@ -56,10 +56,15 @@ class BenchConfig:
     temperature: float = 0.0  # logits mode: > 0 times sampled rows (unseeded)
     soft_cap: float | None = None
     scale: float = 1.0
+    stage1: str = "centroids"  # or "head-int4": every row its own cluster, scored at int4
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.stage1 not in ("centroids", "head-int4"):
+            raise ValueError(f"--stage1 {self.stage1!r}: use centroids or head-int4")
+        if self.stage1 == "head-int4" and self.cluster_size != 1:
+            raise ValueError("--stage1 head-int4 scores clusters of one token: --cluster-size 1")
         if self.temperature < 0 or (self.temperature > 0 and self.mode != "logits"):
             raise ValueError("--temperature must be >= 0, and > 0 only in logits mode")
         if self.soft_cap is not None and not self.soft_cap > 0:
@@ -127,6 +132,16 @@ def make_problem(cfg: BenchConfig) -> tuple[torch.Tensor, FlashHeadAssets]:
         weight[start : start + chunk] = rows.to(dtype)
         sums.index_add_(0, a, rows)
     counts = torch.bincount(assign, minlength=c).clamp_min(1).unsqueeze(1)
+    if cfg.stage1 == "head-int4":
+        return weight, FlashHeadAssets(
+            model_dir=Path("."),
+            cache_dir=Path("."),
+            centroids=torch.empty(vocab, 0),
+            assignments=torch.arange(vocab),
+            n_probes=cfg.probes,
+            stage1="head_int4",
+            hidden=d,
+        )
     assets = FlashHeadAssets(
         model_dir=Path("."),
         cache_dir=Path("."),
@@ -224,11 +239,15 @@ def device_bandwidth(device: torch.device) -> float | None:
 
 
 def flash_bytes(head: FlashHead, batch: int, logits_elt: int = 0) -> int:
-    """Bytes FlashHead must move for `batch` rows: int8 centroids + scales once, p*s rows
-    (+ special clusters) per row; with `logits_elt` (logits mode) the [B, V] logits written."""
+    """Bytes FlashHead must move for `batch` rows: stage 1 once (int8 centroids + scales, or
+    int4 rows + group scales and zeros), p*s rows (+ special clusters) per row; with
+    `logits_elt` (logits mode) the [B, V] logits written."""
     idx = head.index
     elt = idx.wc.element_size()
     stage1 = idx.cent_q.numel() + idx.cent_scale.numel() * 4
+    if idx.rows4 is not None:
+        r = idx.rows4
+        stage1 = r.q.numel() + (r.scale.numel() + r.zero.numel()) * 2  # bf16 as the kernels read
     rows = (head.n_probes + idx.n_special_clusters) * head.cluster_size
     out = batch * head.vocab_size * logits_elt
     return stage1 + batch * rows * (idx.hidden_size * elt + 4) + out  # + int32 slot id per row

@@ -10,7 +10,7 @@ or a user's file) and chat (the model's own greedy answers to held-out prompts, 
 template). Chat is what a server decodes, and where a prose-only calibration fails.
 
 The p curve comes from the rank of the dense top-1 token's cluster under FlashHead's own stage 1
-scores (int8 centroids, as served): top-1 agrees at p exactly when that rank is below p (or the
+scores (int8 centroids or int4 head rows, as served): top-1 agrees at p exactly when that rank is below p (or the
 token is an always-scored special token). The listed p values are also checked end to end
 through `FlashHead.candidates`.
 """
@@ -43,7 +43,9 @@ class ProbeResult:
     probes: int
     candidates: int  # tokens scored in stage 2 (p * cluster size + special tokens)
     share_of_vocab: float  # candidates / V
-    share_with_centroids: float  # (candidates + clusters) / V: all rows stage 1 + 2 read
+    # Bytes stages 1 and 2 read per row, as a share of the bf16 head's: candidates (bf16 rows)
+    # + stage 1 (int8 centroids: half a row each; int4 head rows: a quarter of the head).
+    share_of_head_bytes: float
     top1_agreement: float
     top5_containment: float
 
@@ -70,16 +72,17 @@ class Evaluator:
 
     def __init__(self, weight: torch.Tensor, assets: FlashHeadAssets):
         from flashhead.head import FlashHead
-        from flashhead.kernels.reference import probe_keys
+        from flashhead.kernels.dispatch import backend_ops
 
         self.assets = assets
         self.weight = weight.float()
         self.head = FlashHead.build(self.weight, assets, backend="torch")
-        self._probe_keys = probe_keys
+        self._reference = backend_ops("reference")  # exact fp32 stage 1 over the served format
 
     def stage1(self, h: torch.Tensor) -> torch.Tensor:
-        i = self.head.index
-        return self._probe_keys(h.float(), i.cent_q, i.cent_scale)
+        from flashhead.head import stage1_keys
+
+        return stage1_keys(self._reference, self.head.index, h.float(), None, None, {})
 
     def ranks(self, h: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         out = []
@@ -127,7 +130,7 @@ class Evaluator:
                     probes=p,
                     candidates=cand,
                     share_of_vocab=cand / a.vocab_size,
-                    share_with_centroids=(cand + a.n_clusters) / a.vocab_size,
+                    share_of_head_bytes=(cand + _stage1_rows(a)) / a.vocab_size,
                     top1_agreement=top1,
                     top5_containment=top5,
                 )
@@ -143,6 +146,11 @@ class Evaluator:
             results=results,
             probes_for_target={_pct(t): probes_for(ranks[:, 0], t) for t in targets},
         )
+
+
+def _stage1_rows(a: FlashHeadAssets) -> float:
+    """Stage 1's bytes in bf16 head rows (group scales and zeros not counted)."""
+    return a.vocab_size / 4 if a.stage1 == "head_int4" else a.n_clusters / 2
 
 
 def _pct(t: float) -> str:
@@ -281,12 +289,12 @@ def format_table(rep: EvalReport) -> str:
         f"{rep.model}{corpus}: V={rep.vocab_size}, {rep.n_clusters} clusters of "
         f"{rep.cluster_size}, {rep.n_special} special tokens, n_probes in config "
         f"{rep.configured_probes}, {rep.n_tokens} positions",
-        f"{'p':>6} {'scored':>8} {'% of V':>7} {'+centroids':>10} {'top-1':>8} {'top-5':>8}",
+        f"{'p':>6} {'scored':>8} {'% of V':>7} {'+stage 1':>10} {'top-1':>8} {'top-5':>8}",
     ]
     for r in rep.results:
         lines.append(
             f"{r.probes:>6} {r.candidates:>8} {100 * r.share_of_vocab:>6.2f}% "
-            f"{100 * r.share_with_centroids:>9.2f}% {100 * r.top1_agreement:>7.2f}% "
+            f"{100 * r.share_of_head_bytes:>9.2f}% {100 * r.top1_agreement:>7.2f}% "
             f"{100 * r.top5_containment:>7.2f}%"
         )
     for target, p in rep.probes_for_target.items():

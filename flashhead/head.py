@@ -97,7 +97,17 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
     filled = layout.slot_ids >= 0
     wc = torch.zeros(layout.slot_ids.numel(), d, dtype=weight.dtype, device=device)
     wc[filled] = weight[layout.slot_ids[filled].to(torch.int64)]
-    cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
+    rows4 = None
+    if assets.stage1 == "head_int4":
+        from flashhead.kernels.int4_rows import quantize_int4_rows
+
+        # Clusters of one token: the first c slots of the cluster-major copy are the head's rows
+        # in cluster order, and stage 1 scores each of them at int4 (no centroids at all).
+        rows4 = quantize_int4_rows(wc[: layout.n_clusters])
+        cent_q = torch.zeros(layout.n_clusters, 0, dtype=torch.int8, device=device)
+        scale = torch.ones(layout.n_clusters, dtype=torch.float32, device=device)
+    else:
+        cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
     return ClusterIndex(
         wc=wc,
         slot_ids=layout.slot_ids,
@@ -107,6 +117,7 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
         n_clusters=layout.n_clusters,
         cluster_size=layout.cluster_size,
         n_special_clusters=layout.n_special_clusters,
+        rows4=rows4,
     )
 
 
@@ -145,15 +156,22 @@ def probe_and_select(
     buffers: dict,
 ) -> torch.Tensor:
     """Stage 1 on noise already drawn (None: every row greedy): device work only."""
-    keys = ops.probe_keys(
-        h,
-        index.cent_q,
-        index.cent_scale,
-        inv_t if noise is not None else None,
-        noise,
-        buffers=buffers,
-    )
+    keys = stage1_keys(ops, index, h, inv_t if noise is not None else None, noise, buffers)
     return ops.select_probes(keys, n_probes, index.n_special_clusters)
+
+
+def stage1_keys(
+    ops: Any,
+    index: ClusterIndex,
+    h: torch.Tensor,
+    inv_t: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    buffers: dict,
+) -> torch.Tensor:
+    """[B, c] stage 1 keys: int8 centroid scores, or int4 scores of the head's own rows."""
+    if index.rows4 is not None:
+        return ops.probe_keys_int4(h, index.rows4, inv_t, noise, buffers=buffers)
+    return ops.probe_keys(h, index.cent_q, index.cent_scale, inv_t, noise, buffers=buffers)
 
 
 class FlashHead:
@@ -218,12 +236,13 @@ class FlashHead:
 
     @property
     def extra_bytes(self) -> int:
-        """Memory FlashHead adds next to the model's head (cluster-major copy + int8 centroids)."""
+        """Memory FlashHead adds next to the model's head (cluster-major copy + stage 1: int8
+        centroids or int4 rows)."""
         i = self.index
-        return sum(
-            t.numel() * t.element_size()
-            for t in (i.wc, i.slot_ids, i.slot_home, i.cent_q, i.cent_scale)
-        )
+        parts = [i.wc, i.slot_ids, i.slot_home, i.cent_q, i.cent_scale]
+        if i.rows4 is not None:
+            parts += [i.rows4.q, i.rows4.scale, i.rows4.zero]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     @property
     def candidate_rows(self) -> int:

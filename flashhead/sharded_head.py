@@ -116,6 +116,12 @@ class ShardedFlashHead:
         """`shard` holds tokens [vocab_start, vocab_end) in its first rows (padding after)."""
         shard = shard.detach()
         d = assets.hidden_size
+        if assets.stage1 != "centroids":
+            # Stage 1 on int4 head rows ranks every token: each rank would need all the rows.
+            raise ValueError(
+                f"ShardedFlashHead.build: stage 1 {assets.stage1!r} is not sharded; only "
+                "centroid models serve under tensor parallel"
+            )
         if shard.dim() != 2 or shard.shape[1] != d or shard.shape[0] < vocab_end - vocab_start:
             raise ValueError(
                 f"ShardedFlashHead.build: shard {list(shard.shape)} does not hold tokens "

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flashhead.kernels.int4_rows import Int4Rows
+
 
 @dataclass
 class ClusterIndex:
@@ -21,11 +23,14 @@ class ClusterIndex:
     wc: torch.Tensor  # [c_ext * s, d] head dtype, cluster-major
     slot_ids: torch.Tensor  # [c_ext * s] int32 token id per slot, -1 = padding
     slot_home: torch.Tensor  # [c_ext * s] int32 home cluster of a special slot's token, else -1
-    cent_q: torch.Tensor  # [c, d] int8
+    cent_q: torch.Tensor  # [c, d] int8 ([c, 0] when stage 1 scores `rows4`)
     cent_scale: torch.Tensor  # [c] float32
     n_clusters: int
     cluster_size: int
     n_special_clusters: int
+    # Stage 1 on the head's own rows (clusters of one token): an `int4_rows.Int4Rows` of the
+    # first n_clusters slots of `wc`, scored instead of the centroids. None: centroids.
+    rows4: Int4Rows | None = None
 
     @property
     def hidden_size(self) -> int:

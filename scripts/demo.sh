@@ -13,14 +13,14 @@
 #
 # Env: FLASHHEAD_CACHE (default ~/.cache/flashhead), FLASHHEAD_DEMO_VENV (default
 # $FLASHHEAD_CACHE/venvs/vllm-0.32.0), FLASHHEAD_DEMO_MODEL (default
-# $FLASHHEAD_CACHE/models/<model>-flashhead-c4).
+# $FLASHHEAD_CACHE/models/<model>-flashhead-int4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 start=$(date +%s)
 case "${1:-}" in
-  "" | --gemma) which=gemma3 name=gemma-3-270m-flashhead-c4 ask=() ;;
-  --smollm2) which=smollm2 name=smollm2-135m-flashhead-c4 ask=(--chat) ;;
+  "" | --gemma) which=gemma3 name=gemma-3-270m-flashhead-int4 ask=() ;;
+  --smollm2) which=smollm2 name=smollm2-135m-flashhead-int4 ask=(--chat) ;;
   *) echo "usage: scripts/demo.sh [--smollm2]" >&2; exit 2 ;;
 esac
 export FLASHHEAD_CACHE=${FLASHHEAD_CACHE:-$HOME/.cache/flashhead}

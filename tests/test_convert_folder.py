@@ -3,6 +3,7 @@ loader, hard links, --force, interruption, tied heads, bad input, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from flashhead.head import FlashHead
 
 # Cluster size 16 keeps these layout tests at 64 clusters; the default (4) has its own test.
 FAST = dict(
+    stage1="centroids",
     iterations=3,
     progress=False,
     calibration_tokens=512,
@@ -159,8 +161,9 @@ def test_refuses_output_inside_or_equal_to_the_source(tiny, tmp_path):
     assert (src / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stage1", ["centroids", "head-int4"])
 @pytest.mark.parametrize("existing", [False, True])
-def test_interrupt_leaves_no_half_written_output(tiny, tmp_path, monkeypatch, existing):
+def test_interrupt_leaves_no_half_written_output(tiny, tmp_path, monkeypatch, existing, stage1):
     import flashhead.convert.build as build
 
     out = tmp_path / "fh"
@@ -173,7 +176,8 @@ def test_interrupt_leaves_no_half_written_output(tiny, tmp_path, monkeypatch, ex
 
     monkeypatch.setattr(build, "write_assets", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny, out, ConvertOptions(centroids="mean", force=True, **FAST))
+        opts = ConvertOptions(centroids="mean", force=True, **FAST)
+        convert(tiny, out, dataclasses.replace(opts, stage1=stage1))
     if existing:
         assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     else:

@@ -96,7 +96,11 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], list[int
 def test_gguf_to_a_flashhead_folder(tiny_gguf, tmp_path):
     path, tensors, special_ids = tiny_gguf
     out = tmp_path / "fh"
-    res = convert(path, out, ConvertOptions(centroids="mean", iterations=2, progress=False))
+    res = convert(
+        path,
+        out,
+        ConvertOptions(stage1="centroids", centroids="mean", iterations=2, progress=False),
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["FlashHeadLlamaForCausalLM"]
     assert "quantization_config" not in cfg
@@ -129,6 +133,7 @@ def test_gguf_folder_reloads_in_transformers_and_fits(tiny_gguf, tmp_path):
         path,
         out,
         ConvertOptions(
+            stage1="centroids",
             iterations=2,
             calibration_tokens=512,
             chat_tokens=512,

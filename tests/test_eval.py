@@ -79,6 +79,7 @@ def tiny_flashhead(tmp_path_factory) -> Path:
         src,
         out,
         ConvertOptions(
+            stage1="centroids",
             iterations=3,
             calibration_tokens=512,
             chat_tokens=512,

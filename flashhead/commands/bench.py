@@ -45,6 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--probes", type=int, default=None, help="clusters probed per row")
     p.add_argument("--cluster-size", type=int, default=None, help="tokens per cluster")
     p.add_argument(
+        "--stage1",
+        choices=["centroids", "head-int4"],
+        default="centroids",
+        help="stage 1: int8 centroids (default) or head-int4, every row at int4 (implies "
+        "--cluster-size 1; --probes then counts tokens, default 512)",
+    )
+    p.add_argument(
         "--mode",
         choices=["logits", "tokens"],
         default="logits",
@@ -75,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
     from flashhead.bench import BenchConfig, format_report, run_bench
 
     vocab, hidden, cluster_size, probes = SHAPES[args.shape]
+    if args.stage1 == "head-int4":  # every token its own cluster; p counts tokens
+        cluster_size, probes = 1, 512
     cfg = BenchConfig(
         vocab=vocab if args.vocab is None else args.vocab,
         hidden=hidden if args.hidden is None else args.hidden,
         batches=tuple(args.batch),
         probes=probes if args.probes is None else args.probes,
         cluster_size=cluster_size if args.cluster_size is None else args.cluster_size,
+        stage1=args.stage1,
         mode=args.mode,
         temperature=args.temperature,
         soft_cap=args.soft_cap,

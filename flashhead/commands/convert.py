@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--cluster-size",
         type=positive_int,
-        default=4,
+        default=None,
         help="tokens per cluster (4; upstream FlashHead uses 16, which reads fewer centroids "
         "but changes far more greedy answers at the same share of V scored)",
     )
@@ -56,9 +56,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--max-share of the vocabulary; otherwise clusters // 16",
     )
     p.add_argument(
+        "--stage1",
+        choices=("centroids", "head-int4"),
+        default=None,
+        help="what stage 1 scores. head-int4 (the default): every row of the head at int4, each "
+        "token its own cluster (quantized when the model loads; no calibration, no centroids; "
+        "--probes counts tokens, default 512). centroids: clusters of --cluster-size tokens "
+        "with int8 centroids (--centroids), fewer bytes but calibrated, and it misses rare "
+        "names on text unlike the calibration text (docs/convert.md). Any option that shapes "
+        "centroids (--cluster-size, --centroids, --calibration-*, --chat/code/sample-tokens, "
+        "--max-share, --target-agreement, --iterations) selects centroids",
+    )
+    p.add_argument(
         "--centroids",
         choices=("fit", "mean", "normalized"),
-        default="fit",
+        default=None,
         help="stage 1 clusters and centroids: fit (default; needs transformers: hidden states "
         "sampled from text and from the model's own chat answers shape the clusters, and each "
         "centroid is the least-squares fit of its cluster's best logit), mean of the member "
@@ -68,13 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--calibration-tokens",
         type=positive_int,
-        default=4096,
+        default=None,
         help="positions of calibration text sampled for --centroids fit (4096)",
     )
     p.add_argument(
         "--chat-tokens",
         type=int,
-        default=4096,
+        default=None,
         help="positions of the model's own greedy answers to the shipped calibration prompts, "
         "in its chat template, for --centroids fit (4096; 0: prose only, which serves chat "
         "requests far worse)",
@@ -82,14 +94,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--code-tokens",
         type=int,
-        default=4096,
+        default=None,
         help="positions of Python standard library source code (calibration half) for "
         "--centroids fit (4096; 0: none)",
     )
     p.add_argument(
         "--sample-tokens",
         type=int,
-        default=0,
+        default=None,
         help="positions of the model's own free samples at temperature 1, from random starting "
         "tokens, for --centroids fit (0: none, the default). Measured in docs/convert.md: a "
         "small gain on SmolLM2, and on Gemma-3-270M (a base model whose samples wander into "
@@ -98,7 +110,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--max-share",
         type=float,
-        default=10.0,
+        default=None,
         metavar="PCT",
         help="--probes auto never scores more than this percent of the vocabulary (10)",
     )
@@ -112,13 +124,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--target-agreement",
         type=float,
-        default=99.9,
+        default=None,
         metavar="PCT",
         help="top-1 agreement (percent) that --probes auto aims at (99.9: a 48-token greedy "
         "answer then stays identical to dense about 95%% of the time)",
     )
     p.add_argument("--seed", type=int, default=0, help="clustering seed (deterministic)")
-    p.add_argument("--iterations", type=positive_int, default=8, help="k-means iterations (8)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="k-means iterations (8)")
     p.add_argument(
         "--special-tokens",
         type=_special_tokens,
@@ -138,10 +150,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+# Options that only shape centroids (dest, flag): giving one selects --stage1 centroids.
+CENTROID_OPTIONS = (
+    ("cluster_size", "--cluster-size"),
+    ("centroids", "--centroids"),
+    ("calibration_tokens", "--calibration-tokens"),
+    ("chat_tokens", "--chat-tokens"),
+    ("code_tokens", "--code-tokens"),
+    ("sample_tokens", "--sample-tokens"),
+    ("max_share", "--max-share"),
+    ("calibration_text", "--calibration-text"),
+    ("target_agreement", "--target-agreement"),
+    ("iterations", "--iterations"),
+)
+
+
+def _resolve_stage1(args: argparse.Namespace) -> str | None:
+    """--stage1 as given, else centroids when a centroid option was given, else head-int4;
+    None (after printing why) for head-int4 with centroid options. Fills the options' defaults."""
+    from flashhead.convert import ConvertOptions
+
+    given = [flag for dest, flag in CENTROID_OPTIONS if getattr(args, dest) is not None]
+    stage1 = args.stage1 or ("centroids" if given else "head-int4")
+    if stage1 == "head-int4" and given:
+        print(
+            f"flashhead convert: error: {', '.join(given)} shape(s) centroids, which --stage1 "
+            "head-int4 does not use. Fix: drop them, or pass --stage1 centroids",
+            file=sys.stderr,
+        )
+        return None
+    defaults = ConvertOptions()
+    for dest, _ in CENTROID_OPTIONS:
+        if getattr(args, dest) is None and dest != "calibration_text":
+            value = getattr(defaults, dest)
+            if dest in ("max_share", "target_agreement"):
+                value = 100.0 * value  # the CLI takes percentages
+            setattr(args, dest, value)
+    return stage1
+
+
 def run(args: argparse.Namespace) -> int:
     from flashhead.calibration.texts import read_text
     from flashhead.convert import ConvertError, ConvertOptions, convert
 
+    stage1 = _resolve_stage1(args)
+    if stage1 is None:
+        return 2
     if not 50.0 <= args.target_agreement < 100.0:
         print(
             f"flashhead convert: error: --target-agreement {args.target_agreement}: expected a "
@@ -168,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     opts = ConvertOptions(
         cluster_size=args.cluster_size,
+        stage1=stage1,
         probes=args.probes,
         centroids=args.centroids,
         calibration_tokens=args.calibration_tokens,

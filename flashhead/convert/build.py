@@ -6,6 +6,7 @@ interrupted run (Ctrl-C, crash) leaves OUT untouched: either absent, or the old 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,9 +14,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from flashhead.assets import write_assets
 from flashhead.convert.clustering import KMeansOptions, balanced_kmeans, centroids_for
@@ -37,6 +40,11 @@ from flashhead.convert.source import (
 )
 
 CACHE_DIR = "flash_head_cache"
+STAGE1_CHOICES = ("centroids", "head-int4")
+# --stage1 head-int4 without --probes: tokens scored exactly per row. Measured (docs/convert.md,
+# 2026-12-07): the dense top-1 ranked at most 41st under the int4 scores on every held-out family
+# of SmolLM2-135M; 512 leaves a wide margin for text unlike any measured, at ~1 % of V.
+HEAD_INT4_PROBES = 512
 
 
 @dataclass
@@ -45,6 +53,12 @@ class ConvertOptions:
     # clusters keep whole greedy answers (60/60 held-out questions on both shipped models,
     # against 40-50/60 with 16); the centroids cost more to score (V/4 int8 rows).
     cluster_size: int = 4
+    # What stage 1 scores: every row of the head at int4 ("head-int4": clusters of one token, no
+    # calibration, no centroids stored), or int8 centroids of clusters ("centroids": the fields
+    # below). Measured in docs/convert.md (2026-12-07): the centroids, fitted to calibration
+    # text, miss rare names on text unlike it; int4 rows rank the dense top-1 within the first
+    # 16 tokens on every held-out family.
+    stage1: str = "head-int4"
     probes: int | None = None  # None: auto with --centroids fit, else n_clusters // 16
     centroids: str = "fit"  # fit | mean | normalized (see flashhead.convert.fit)
     calibration_tokens: int = 4096  # prose positions sampled (--centroids fit)
@@ -118,6 +132,22 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A hidden sibling temp folder that becomes OUT when the block ends; on any error or
+    interrupt it is removed and OUT stays as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; OUT should look like mkdir's
+        yield tmp
+        _fix_file_modes(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _fix_file_modes(folder: Path) -> None:
     # safetensors writes 0600 files; a model folder is meant to be read by other users (servers).
     mode = 0o666 & ~_umask()
@@ -142,6 +172,8 @@ def _write_config(source: SourceModel, tmp: Path, extra: dict) -> str:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions) -> ConvertResult:
     src, out = Path(src), Path(out)
+    if opts.stage1 not in STAGE1_CHOICES:
+        raise ConvertError(f"--stage1 {opts.stage1!r}: expected {' or '.join(STAGE1_CHOICES)}")
     check_output(src, out, opts.force)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
@@ -150,6 +182,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     seconds["load"] = time.monotonic() - t0
     weight = source.head_weight
     vocab, hidden = int(weight.shape[0]), int(weight.shape[1])
+    if opts.stage1 == "head-int4":
+        return _convert_head_int4(src, out, source, opts, seconds, t0)
     if opts.cluster_size < 1 or vocab % opts.cluster_size:
         raise ConvertError(
             f"{src}: the head has {vocab} rows, not a multiple of --cluster-size "
@@ -162,16 +196,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     n_probes = opts.probes if opts.probes is not None else max(1, n_clusters // 16)
     if not 1 <= n_probes <= n_clusters:
         raise ConvertError(f"--probes {n_probes}: expected 1..{n_clusters} (number of clusters)")
-    specials = (
-        sorted({int(t) for t in opts.special_tokens})
-        if opts.special_tokens is not None
-        else source.special_token_ids
-    )
-    bad = [t for t in specials if not 0 <= t < vocab]
-    if bad:
-        raise ConvertError(
-            f"--special-tokens {bad}: not token ids of this vocabulary (0..{vocab - 1})"
-        )
+    specials = _special_ids(source, opts, vocab)
     _log(
         f"{source.architecture}: V={vocab}, d={hidden}, {n_clusters} clusters of "
         f"{opts.cluster_size}, centroids: {opts.centroids}, probes: "
@@ -189,10 +214,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     )
     estimates: dict[str, int] = {}
     capped = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; OUT should look like mkdir's
+    with _staged(out) as tmp:
         t1 = time.monotonic()
         source.materialize(tmp)
         arch = _write_config(source, tmp, opts.extra_config)
@@ -262,12 +284,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
             special_token_ids=specials,
             cache_dir=CACHE_DIR,
         )
-        _fix_file_modes(tmp)
-        _swap_into_place(tmp, out)
         seconds["write"] += time.monotonic() - t5
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds["total"] = time.monotonic() - t0
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
     _log(f"wrote {out} in {seconds['total']:.1f} s ({phases})", opts.progress)
@@ -282,4 +299,74 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         seconds=seconds,
         probe_estimates=estimates,
         probes_capped=capped,
+    )
+
+
+def _special_ids(source: SourceModel, opts: ConvertOptions, vocab: int) -> list[int]:
+    specials = (
+        sorted({int(t) for t in opts.special_tokens})
+        if opts.special_tokens is not None
+        else source.special_token_ids
+    )
+    bad = [t for t in specials if not 0 <= t < vocab]
+    if bad:
+        raise ConvertError(
+            f"--special-tokens {bad}: not token ids of this vocabulary (0..{vocab - 1})"
+        )
+    return specials
+
+
+def _convert_head_int4(
+    src: Path,
+    out: Path,
+    source: SourceModel,
+    opts: ConvertOptions,
+    seconds: dict[str, float],
+    t0: float,
+) -> ConvertResult:
+    """--stage1 head-int4: every token is its own cluster; stage 1 scores the head's rows at
+    int4, quantized when the model loads. Nothing is fitted, so no calibration text is read."""
+    from flashhead.kernels.int4_rows import int4_group_size
+
+    vocab, hidden = (int(x) for x in source.head_weight.shape)
+    try:
+        int4_group_size(hidden)
+    except ValueError as exc:
+        raise ConvertError(
+            f"{src}: --stage1 head-int4: {exc}. Fix: use --stage1 centroids"
+        ) from exc
+    n_probes = opts.probes if opts.probes is not None else min(HEAD_INT4_PROBES, vocab)
+    if not 1 <= n_probes <= vocab:
+        raise ConvertError(f"--probes {n_probes}: expected 1..{vocab} (one cluster per token)")
+    specials = _special_ids(source, opts, vocab)
+    _log(
+        f"{source.architecture}: V={vocab}, d={hidden}, stage 1: the head's rows at int4 "
+        f"(clusters of 1), probes: {n_probes} tokens",
+        opts.progress,
+    )
+    t1 = time.monotonic()
+    with _staged(out) as tmp:
+        source.materialize(tmp)
+        arch = _write_config(source, tmp, opts.extra_config)
+        write_assets(
+            tmp,
+            None,
+            torch.arange(vocab),
+            n_probes=n_probes,
+            special_token_ids=specials,
+            cache_dir=CACHE_DIR,
+            stage1="head_int4",
+        )
+    seconds["write"] = time.monotonic() - t1
+    seconds["total"] = time.monotonic() - t0
+    _log(f"wrote {out} in {seconds['total']:.1f} s", opts.progress)
+    return ConvertResult(
+        out=out,
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_clusters=vocab,
+        n_probes=n_probes,
+        special_token_ids=list(specials),
+        seconds=seconds,
     )

@@ -208,6 +208,11 @@ class _FlashHeadState:
         return target.head  # the target's own index: no second copy in memory
 
 
+def _stage1_name(head: Any) -> str:
+    index = getattr(head, "index", None)
+    return "int4 head rows" if getattr(index, "rows4", None) is not None else "int8 centroids"
+
+
 def _dense_head_reason(
     lm_head: Any, weight: torch.Tensor, vocab_size: int, assets: Any
 ) -> DenseReason:
@@ -218,6 +223,13 @@ def _dense_head_reason(
         return reason
     if sharded and (reason := shard_dense_reason(lm_head, weight, vocab_size)):
         return reason
+    if sharded and getattr(assets, "stage1", "centroids") != "centroids":
+        return DenseReason(
+            "tensor parallel with stage 1 on the head's int4 rows (flash_head_stage1 "
+            "head_int4) is not built: each rank would need the others' rows to rank all "
+            "tokens; convert with --stage1 centroids to serve FlashHead at TP > 1",
+            "tensor_parallel",
+        )
     quant = getattr(lm_head, "quant_method", None)
     if quant is not None and type(quant).__name__ not in (
         "UnquantizedEmbeddingMethod",
@@ -348,11 +360,12 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     "serving",
                     logging.INFO,
                     "FlashHead: serving decode steps of %s (c=%d clusters, s=%d tokens/cluster, "
-                    "p=%d probes, backend=%s)",
+                    "p=%d probes, stage 1: %s, backend=%s)",
                     state.model,
                     int(getattr(head, "n_clusters", -1)),
                     int(getattr(head, "cluster_size", -1)),
                     int(getattr(head, "n_probes", -1)),
+                    _stage1_name(head),
                     getattr(head, "backend", "?"),
                 )
                 # The core head may itself hand a batch to its dense GEMM (kernels/dispatch.py:

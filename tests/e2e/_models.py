@@ -13,10 +13,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FLASHHEAD_CACHE", Path.home() / ".cache" / "flashhead"))
-# "-c4": the folder name carries the convert recipe (clusters of 4), so a cache left by an older
-# default is never served as today's model.
+# "-int4": the folder name carries the convert recipe (stage 1 on the head's int4 rows), so a
+# cache left by an older default (clusters of 4: "-c4") is never served as today's model.
 SMOLLM2_FH = Path(
-    os.environ.get("FLASHHEAD_SMOLLM2_DIR", CACHE / "models" / "smollm2-135m-flashhead-c4")
+    os.environ.get("FLASHHEAD_SMOLLM2_DIR", CACHE / "models" / "smollm2-135m-flashhead-int4")
 )
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
