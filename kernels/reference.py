@@ -24,6 +24,9 @@ gather per call page-faults and costs more than the head itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from flashhead.kernels.index import ClusterIndex, candidate_ids
@@ -73,18 +76,21 @@ def _int8_mm_ok(h: torch.Tensor) -> bool:
     return h.shape[0] <= _INT8_MM_MAX_BATCH and hasattr(torch, "_weight_int8pack_mm")
 
 
-def _dequantized(
-    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict | None
-) -> torch.Tensor:
+def _cached(buffers: dict | None, key: tuple, make: Callable[[], Any]) -> Any:
     # Cached in the caller's buffers (one dict per head), never in a module-level table keyed by
     # address: a new head whose centroids reuse a freed head's memory would get stale scores.
-    key = ("dequant", dtype)
     cached = None if buffers is None else buffers.get(key)
     if cached is None:
-        cached = (q.float() * scale.unsqueeze(1)).to(dtype)
+        cached = make()
         if buffers is not None:
             buffers[key] = cached
     return cached
+
+
+def _dequantized(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict | None
+) -> torch.Tensor:
+    return _cached(buffers, ("dequant", dtype), lambda: (q.float() * scale.unsqueeze(1)).to(dtype))
 
 
 def probe_keys_int4(
@@ -156,37 +162,29 @@ def _int4_packed(rows: Int4Rows, buffers: dict | None) -> tuple[torch.Tensor, to
     """(packed weight, scales_and_zeros) in the layout of torch's CPU int4 kernel, cached in the
     caller's buffers (see `_dequantized`). torch dequantizes `(q - 8) * scale + zero2`, so
     zero2 = zero + 8 * scale; both are bf16 [d // group, n, 2]."""
-    key = ("int4pack", rows.group)
-    cached = None if buffers is None else buffers.get(key)
-    if cached is None:
-        n = rows.n_rows
-        n_pad = -(-n // 16) * 16
-        step = _INT4_PACK_ROWS
-        parts = []
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            codes = unpack_int4(rows.q[start:stop]).to(torch.int32)
-            if stop == n and n_pad > n:
-                codes = torch.nn.functional.pad(codes, (0, 0, 0, n_pad - n))
-            parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        packed = torch.cat(parts) if len(parts) > 1 else parts[0]
-        scale = torch.nn.functional.pad(rows.scale, (0, 0, 0, n_pad - n))
-        zero = torch.nn.functional.pad(rows.zero, (0, 0, 0, n_pad - n))
-        scales_and_zeros = torch.stack([scale.t(), (zero + 8 * scale).t()], dim=2)
-        cached = (packed, scales_and_zeros.to(torch.bfloat16).contiguous())
-        if buffers is not None:
-            buffers[key] = cached
-    return cached
+    return _cached(buffers, ("int4pack", rows.group), lambda: _pack_int4(rows))
+
+
+def _pack_int4(rows: Int4Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    n = rows.n_rows
+    n_pad = -(-n // 16) * 16
+    step = _INT4_PACK_ROWS
+    parts = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        codes = unpack_int4(rows.q[start:stop]).to(torch.int32)
+        if stop == n and n_pad > n:
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, n_pad - n))
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+    packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+    scale = torch.nn.functional.pad(rows.scale, (0, 0, 0, n_pad - n))
+    zero = torch.nn.functional.pad(rows.zero, (0, 0, 0, n_pad - n))
+    scales_and_zeros = torch.stack([scale.t(), (zero + 8 * scale).t()], dim=2)
+    return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
 
 
 def _dequantized_int4(rows: Int4Rows, dtype: torch.dtype, buffers: dict | None) -> torch.Tensor:
-    key = ("int4_dequant", dtype)
-    cached = None if buffers is None else buffers.get(key)
-    if cached is None:
-        cached = dequantize_int4_rows(rows, dtype)
-        if buffers is not None:
-            buffers[key] = cached
-    return cached
+    return _cached(buffers, ("int4_dequant", dtype), lambda: dequantize_int4_rows(rows, dtype))
 
 
 def select_probes(keys: torch.Tensor, n_probes: int, n_special_clusters: int = 0) -> torch.Tensor:

@@ -91,7 +91,19 @@ def _probe_keys_kernel(
         else:  # fp32 h: 3-pass tf32 on tensor cores, ~fp32 accuracy
             acc += tl.dot(qv.to(tl.float32), tl.trans(hv), input_precision="tf32x3")
     scale = tl.load(scale_ptr + rc, mask=mc, other=0.0)
-    keys = acc * scale[:, None]
+    _store_keys(
+        acc * scale[:, None], rb, rc, mb, mc, invt_ptr, noise_ptr, out_ptr, stride_n, stride_o,
+        HAS_NOISE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_keys(
+    keys, rb, rc, mb, mc, invt_ptr, noise_ptr, out_ptr, stride_n, stride_o,
+    HAS_NOISE: tl.constexpr,
+):  # fmt: skip
+    """Stage 1's epilogue, shared by both stage-1 kernels: keys [rows rc, batch rb] perturbed for
+    sampled rows (`keys * inv_t + gumbel` where inv_t > 0), stored [b, c]."""
     mask = mc[:, None] & mb[None, :]
     if HAS_NOISE:
         inv_t = tl.load(invt_ptr + rb, mask=mb, other=0.0)
@@ -408,13 +420,9 @@ def _probe_keys_int4_kernel(
         z_hi = tl.load(zero_ptr + sz + n_half_groups, mask=mn, other=0.0)
         acc += s_lo[:, None] * dot_lo + z_lo[:, None] * sum_lo[None, :]
         acc += s_hi[:, None] * dot_hi + z_hi[:, None] * sum_hi[None, :]
-    keys = acc
-    mask = mn[:, None] & mb[None, :]
-    if HAS_NOISE:
-        inv_t = tl.load(invt_ptr + rb, mask=mb, other=0.0)
-        nz = tl.load(noise_ptr + rb[None, :] * stride_n + rn[:, None], mask=mask, other=0.0)
-        keys = tl.where(inv_t[None, :] > 0, keys * inv_t[None, :] + nz, keys)
-    tl.store(out_ptr + rb[None, :] * stride_o + rn[:, None], keys, mask=mask)
+    _store_keys(
+        acc, rb, rn, mb, mn, invt_ptr, noise_ptr, out_ptr, stride_n, stride_o, HAS_NOISE
+    )  # fmt: skip
 
 
 def _probe_int4_blocks(
