@@ -16,6 +16,9 @@ the head's rows, as vLLM's ``ParallelLMHead`` does.
   (Cauchy-Schwarz), a test every rank evaluates on the same reduced numbers, so they all reach
   the same verdict. A mismatch raises ``ShardMismatch`` on every rank together.
 
+Models whose stage 1 scores the head's own int4 rows split stage 1 along the vocabulary
+instead (`flashhead.sharded_int4`); `ShardedFlashHead.build` picks the layout.
+
 Knows nothing of vLLM: the caller passes the collectives (`Collectives`).
 """
 
@@ -67,6 +70,30 @@ def cluster_owner(n_clusters: int, n_special_clusters: int, world_size: int) -> 
     return owner
 
 
+def check_shard(shard: torch.Tensor, vocab_start: int, vocab_end: int, hidden: int) -> None:
+    if shard.dim() != 2 or shard.shape[1] != hidden or shard.shape[0] < vocab_end - vocab_start:
+        raise ValueError(
+            f"ShardedFlashHead.build: shard {list(shard.shape)} does not hold tokens "
+            f"[{vocab_start}, {vocab_end}) of a d={hidden} head"
+        )
+
+
+def token_holders(
+    token: torch.Tensor, vocab_start: int, vocab_end: int, comm: Collectives
+) -> torch.Tensor:
+    """Which rank's shard holds each token id of `token` (-1 stays -1). A collective."""
+    # float32 (exact below 2^24 tokens): vLLM's shared-memory all-gather takes no int64.
+    mine = torch.tensor([[vocab_start, vocab_end]], dtype=torch.float32, device=token.device)
+    ranges = comm.all_gather(mine).to(torch.int64)
+    holder = torch.full_like(token, -1)
+    for q in range(comm.world_size):
+        inside = (token >= ranges[q, 0]) & (token < ranges[q, 1])
+        holder[inside] = q
+    if bool(((token >= 0) & (holder < 0)).any()):
+        raise ValueError("ShardedFlashHead.build: the ranks' shards do not cover the vocabulary")
+    return holder
+
+
 class ShardedFlashHead:
     """One rank's FlashHead over its shard of a vocab-parallel head. Build it on every rank at
     the same time (`build` runs collectives)."""
@@ -92,6 +119,7 @@ class ShardedFlashHead:
         self.n_probes = assets.n_probes
         self.world_size = comm.world_size
         self.shard_bytes = shard_bytes
+        self.logits_element_size = local.wc.element_size()  # vLLM gathers logits in this dtype
         self.options = options if options is not None else settings().kernel_options()
         device = local.wc.device
         self.backend = dispatch.resolve_backend(backend, device, self.options)
@@ -115,18 +143,14 @@ class ShardedFlashHead:
     ) -> ShardedFlashHead:
         """`shard` holds tokens [vocab_start, vocab_end) in its first rows (padding after)."""
         shard = shard.detach()
+        check_shard(shard, vocab_start, vocab_end, assets.hidden_size)
+        if assets.stage1 == "head_int4":
+            from flashhead.sharded_int4 import ShardedInt4Head
+
+            return ShardedInt4Head.build_int4(
+                shard, vocab_start, vocab_end, assets, comm, backend=backend, options=options
+            )
         d = assets.hidden_size
-        if assets.stage1 != "centroids":
-            # Stage 1 on int4 head rows ranks every token: each rank would need all the rows.
-            raise ValueError(
-                f"ShardedFlashHead.build: stage 1 {assets.stage1!r} is not sharded; only "
-                "centroid models serve under tensor parallel"
-            )
-        if shard.dim() != 2 or shard.shape[1] != d or shard.shape[0] < vocab_end - vocab_start:
-            raise ValueError(
-                f"ShardedFlashHead.build: shard {list(shard.shape)} does not hold tokens "
-                f"[{vocab_start}, {vocab_end}) of a d={d} head"
-            )
         device = shard.device
         layout = slot_layout(assets, device)
         c, s, n_spc = layout.n_clusters, layout.cluster_size, layout.n_special_clusters
@@ -143,18 +167,7 @@ class ShardedFlashHead:
             c + n_spc
         )
 
-        # Every rank's token range, then which rank holds each slot's row.
-        # float32 (exact below 2^24 tokens): vLLM's shared-memory all-gather takes no int64.
-        mine = torch.tensor([[vocab_start, vocab_end]], dtype=torch.float32, device=device)
-        ranges = comm.all_gather(mine).to(torch.int64)
-        holder = torch.full_like(token, -1)
-        for q in range(comm.world_size):
-            inside = (token >= ranges[q, 0]) & (token < ranges[q, 1])
-            holder[inside] = q
-        if bool(((token >= 0) & (holder < 0)).any()):
-            raise ValueError(
-                "ShardedFlashHead.build: the ranks' shards do not cover the vocabulary"
-            )
+        holder = token_holders(token, vocab_start, vocab_end, comm)
 
         mine = (slot_owner == comm.rank) & (holder == comm.rank)
         wc[local_slot[mine]] = shard[token[mine] - vocab_start]
@@ -215,6 +228,22 @@ class ShardedFlashHead:
         return (self.n_probes + self.meta.n_special_clusters) * self.cluster_size
 
     @property
+    def sent_bytes_per_row(self) -> int:
+        """Bytes this rank contributes to the step's collectives per logits row: the all-reduce
+        of the candidate scores and the probe hashes (float32)."""
+        return 4 * (self.candidate_rows + 2 * _N_HASHES)
+
+    @property
+    def dense_sent_bytes_per_row(self) -> int:
+        """What this rank contributes per row to vLLM's gather of the logits: its shard's share
+        of the vocabulary, in the head's dtype."""
+        return -(-self.vocab_size // self.world_size) * self.logits_element_size
+
+    @property
+    def owned_rows(self) -> int:
+        return int(self.local.wc.shape[0]) - self.cluster_size  # less the zero block
+
+    @property
     def extra_bytes(self) -> int:
         """This rank's FlashHead bytes: its owned rows, slot ids and the replicated centroids."""
         tensors = (
@@ -255,20 +284,9 @@ class ShardedFlashHead:
         h = check_hidden_states(h, self.local.hidden_size)
         n_rows = h.shape[0]
         inv_t = inverse_temperature(temperature, n_rows, h.device)
-        probes = select_clusters(
-            self._ops, self.meta, h, self.n_probes, inv_t, temperature, generators, self._buffers
-        )
+        probes = self._select(h, inv_t, temperature, generators)
         ids = candidate_ids(self.meta, probes)
-        _, scores, _ = self._ops.candidate_scores(
-            h,
-            self.local,
-            self.local_of[probes],
-            None,
-            None,
-            want_tokens=False,
-            want_scores=True,
-            buffers=self._buffers,
-        )
+        scores = self._owned_scores(h, probes)
         k = ids.shape[1]
         buf = torch.empty(n_rows, k + 2 * _N_HASHES, dtype=torch.float32, device=h.device)
         buf[:, :k] = scores.float().masked_fill(ids < 0, float("-inf"))
@@ -287,6 +305,26 @@ class ShardedFlashHead:
         out = torch.full((n_rows, self.vocab_size), float("-inf"), device=h.device)
         out.scatter_reduce_(1, ids.clamp_min(0), scores, reduce="amax")
         return out if dtype is None else out.to(dtype)
+
+    def _select(self, h, inv_t, temperature, generators) -> torch.Tensor:
+        """[B, P] global probes, the same on every rank: stage 1 on the replicated centroids."""
+        return select_clusters(
+            self._ops, self.meta, h, self.n_probes, inv_t, temperature, generators, self._buffers
+        )
+
+    def _owned_scores(self, h: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        """[B, K] scores of the candidate slots this rank owns, 0 in the others (the zero block)."""
+        _, scores, _ = self._ops.candidate_scores(
+            h,
+            self.local,
+            self.local_of[probes],
+            None,
+            None,
+            want_tokens=False,
+            want_scores=True,
+            buffers=self._buffers,
+        )
+        return scores
 
     def _probe_hashes(self, probes: torch.Tensor) -> torch.Tensor:
         """[B, _N_HASHES] float32 in [0, _HASH_MOD): position-weighted sums of the probes."""
@@ -308,9 +346,11 @@ class ShardedFlashHead:
             "n_probes": self.n_probes,
             "tensor_parallel": self.world_size,
             "rank": self.comm.rank,
-            "owned_rows": int(self.local.wc.shape[0]) - self.cluster_size,
+            "owned_rows": self.owned_rows,
             "extra_bytes": self.extra_bytes,
             "shard_bytes": self.shard_bytes,
+            "sent_bytes_per_row": self.sent_bytes_per_row,
+            "dense_sent_bytes_per_row": self.dense_sent_bytes_per_row,
         }
 
 

@@ -3,6 +3,7 @@
 
     python scripts/bench_e2e.py MODEL_DIR [--batch 1 8] [--tokens 128] [--repeats 3]
                                 [--compiled] [--json OUT.json] [--speculative-config JSON]
+                                [--tensor-parallel-size N]
 
 MODEL_DIR is a FlashHead model folder; the dense run serves the same folder with
 FLASHHEAD_ENABLED=0 (same weights, same process layout). The servers run one after the other.
@@ -14,7 +15,11 @@ average at the start and end so that a busy machine shows in the figures.
 
 With --speculative-config (e.g. n-gram), both servers speculate, the prompts are ones whose
 continuations repeat their input (code, a repeated passage), the draft acceptance rate comes
-from each server's /metrics, and a third server measures dense without speculation.
+from each server's /metrics, and a third from a third server measures dense without speculation.
+
+With --tensor-parallel-size N both servers run N workers, one core each
+(VLLM_CPU_OMP_THREADS_BIND "0|1|..."), and the FlashHead server's rank lines are printed: each
+rank's extra memory, and the bytes it sends per logits row against vLLM's gather of the logits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -89,7 +95,6 @@ def measure(server: VllmServer, batches: list[int], tokens: int, repeats: int) -
 
 
 def spec_counts(server: VllmServer) -> dict:
-    import re
     import urllib.request
 
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
@@ -107,6 +112,10 @@ def spec_counts(server: VllmServer) -> dict:
 
 def run_one(model: Path, label: str, env: dict, args, log_dir: Path, spec: str | None) -> dict:
     extra = ("--speculative-config", spec) if spec else ()
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        extra += ("--tensor-parallel-size", str(tp))
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp)), **env}
     server = VllmServer(model, log_dir / f"bench-{label}.log", env=env, args=extra)
     server.bench_prompts = REPEATING_PROMPTS if args.speculative_config else PROMPTS
     if args.compiled:
@@ -118,14 +127,17 @@ def run_one(model: Path, label: str, env: dict, args, log_dir: Path, spec: str |
         res = measure(server, args.batch, args.tokens, args.repeats)
         counts = spec_counts(server) if spec else None
         greedy = server.greedy_ids(server.bench_prompts, AGREEMENT_TOKENS)
-        if label == "flashhead" and "FlashHead: serving decode steps of" not in server.log():
+        log = server.log()
+        if label == "flashhead" and "FlashHead: serving decode steps of" not in log:
             raise RuntimeError(f"FlashHead did not serve decode steps; see {server.log_path}")
+        ranks = sorted(set(re.findall(r"FlashHead: (tensor parallel rank .*)", log)))
     finally:
         server.stop()
     return {
         "results": res,
         "spec": counts,
         "greedy": greedy,
+        "ranks": ranks,
         "loadavg_start": load0,
         "loadavg_end": os.getloadavg()[0],
     }
@@ -187,6 +199,12 @@ def main() -> int:
     )
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM's --tensor-parallel-size for both servers (one core per worker)",
+    )
+    ap.add_argument(
         "--speculative-config",
         help="vLLM's --speculative-config JSON for both servers (plus a dense run without it)",
     )
@@ -208,6 +226,8 @@ def main() -> int:
         ap.error(
             f"{cfg_file}: no flash_head_cache_dir (not a FlashHead model; run `flashhead convert`)"
         )
+    if args.tensor_parallel_size < 1:
+        ap.error("--tensor-parallel-size must be >= 1")
     if args.tokens <= SHORT:
         ap.error(f"--tokens must be > {SHORT}")
 
@@ -231,6 +251,10 @@ def main() -> int:
     )
     if spec:
         print(f"speculative config {spec} on both (dense-no-spec: without it)")
+    if args.tensor_parallel_size > 1:
+        print(f"tensor parallel size {args.tensor_parallel_size} on both")
+        for line in runs["flashhead"]["ranks"]:
+            print(f"  {line.strip()}")
     head = f"{'batch':>5} {'flashhead':>10} {'dense':>10} {'ratio':>7}"
     print(head + (f" {'dense-no-spec':>14} {'fh/no-spec':>10}" if spec else ""))
     summary = {}
@@ -257,7 +281,12 @@ def main() -> int:
     )
     for label, r in runs.items():
         print(f"load average during {label}: {r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
-    settings = {"compiled": args.compiled, "tokens": args.tokens, "speculative_config": spec}
+    settings = {
+        "compiled": args.compiled,
+        "tokens": args.tokens,
+        "speculative_config": spec,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -280,7 +309,9 @@ def _title(model: str, settings: dict | None) -> str:
     settings = settings or {}
     mode = "compiled" if settings.get("compiled") else "eager"
     spec = ", n-gram speculation" if settings.get("speculative_config") else ""
-    return f"{Path(model).name}: vllm serve on this CPU ({mode}{spec})"
+    tp = settings.get("tensor_parallel_size") or 1
+    layout = f", TP={tp}" if tp > 1 else ""
+    return f"{Path(model).name}: vllm serve on this CPU ({mode}{spec}{layout})"
 
 
 if __name__ == "__main__":

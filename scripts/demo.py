@@ -5,8 +5,8 @@
 
 1. Two servers side by side on the same folder: FlashHead with the shadow check on every greedy
    row (FLASHHEAD_SHADOW=1), and dense (FLASHHEAD_ENABLED=0). The same greedy questions go to
-   both, one at a time (a bf16 CPU model's own greedy answers change with what shares the
-   batch), and the answers are printed side by side.
+   both servers at once, and to each one at a time (a bf16 CPU model's own greedy answers
+   change with what shares the batch); the answers are printed side by side.
 2. `flashhead doctor --url` on the FlashHead server: its rows by path and the shadow
    agreement for exactly these requests, and the doctor for the model folder.
 3. Decode tokens/s at batch 1 and 8: on the dense server, then on a FlashHead server without
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_e2e import PROMPTS, measure  # noqa: E402
-from helpers.server import VllmServer, start_all  # noqa: E402
+from helpers.server import VllmServer, run_concurrently, start_all  # noqa: E402
 
 # Chosen before any run, and kept: the last three ask for rare words (a mountain, a city, a
 # novelist), where a FlashHead miss would change a fact. Earlier probe rules changed two of
@@ -84,13 +84,23 @@ def main() -> int:
     started("FlashHead, FLASHHEAD_SHADOW=1", audited)
     started("dense, FLASHHEAD_ENABLED=0  ", dense)
     rates: dict[str, dict[int, float]] = {}
+    # The doctor imports vLLM (tens of seconds on 2 cores): it runs while the servers start.
+    doctor = subprocess.Popen(
+        [args.flashhead, "doctor", "--model", str(args.model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         start_all([audited, dense])
         fast.start()
-        answers = [
-            (q, ask(audited, q, args.chat, args.tokens), ask(dense, q, args.chat, args.tokens))
-            for q in QUESTIONS
-        ]
+        flash_answers, dense_answers = run_concurrently(
+            [
+                lambda server=server: [ask(server, q, args.chat, args.tokens) for q in QUESTIONS]
+                for server in (audited, dense)
+            ]
+        )
+        answers = list(zip(QUESTIONS, flash_answers, dense_answers))
         # Logged at the first decode step FlashHead serves, so only after a request.
         line = next(
             (x for x in audited.log().splitlines() if "FlashHead: serving decode steps" in x), None
@@ -108,7 +118,7 @@ def main() -> int:
         subprocess.run([args.flashhead, "doctor", "--url", audited.url], check=False)
         audited.stop()
         print("\n--- flashhead doctor --model", flush=True)
-        subprocess.run([args.flashhead, "doctor", "--model", str(args.model)], check=False)
+        print(doctor.communicate()[0], end="", flush=True)
 
         started("FlashHead, no shadow check", fast)
         fast.wait_ready()
@@ -119,6 +129,8 @@ def main() -> int:
     finally:
         for server in (audited, dense, fast):
             server.stop()
+        if doctor.poll() is None:
+            doctor.kill()
 
     print("\n--- decode tokens/s (this machine; +-20 % run to run when it is busy)")
     print(f"  {'batch':<8}{'FlashHead':>12}{'dense':>12}{'FlashHead / dense':>20}")

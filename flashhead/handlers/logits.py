@@ -209,8 +209,8 @@ class _FlashHeadState:
 
 
 def _stage1_name(head: Any) -> str:
-    index = getattr(head, "index", None)
-    return "int4 head rows" if getattr(index, "rows4", None) is not None else "int8 centroids"
+    rows4 = getattr(head, "rows4", getattr(getattr(head, "index", None), "rows4", None))
+    return "int4 head rows" if rows4 is not None else "int8 centroids"
 
 
 def _dense_head_reason(
@@ -223,13 +223,6 @@ def _dense_head_reason(
         return reason
     if sharded and (reason := shard_dense_reason(lm_head, weight, vocab_size)):
         return reason
-    if sharded and getattr(assets, "stage1", "centroids") != "centroids":
-        return DenseReason(
-            "tensor parallel with stage 1 on the head's int4 rows (flash_head_stage1 "
-            "head_int4) is not built: each rank would need the others' rows to rank all "
-            "tokens; convert with --stage1 centroids to serve FlashHead at TP > 1",
-            "tensor_parallel",
-        )
     quant = getattr(lm_head, "quant_method", None)
     if quant is not None and type(quant).__name__ not in (
         "UnquantizedEmbeddingMethod",

@@ -38,6 +38,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_int4_all(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama converted with the default recipe (stage 1 on the head's int4 rows),
+    probing every token: exact, like the all-clusters centroid model."""
+    root = tmp_path_factory.mktemp("tiny-int4")
+    converted = _models.convert(tiny_models["llama-base"], root / "llama-int4-converted")
+    return _models.with_probes(converted, root / "llama-fh-int4-all", None)
+
+
+@pytest.fixture(scope="session")
 def smollm2_fh() -> Path:
     return _models.smollm2_flashhead()
 

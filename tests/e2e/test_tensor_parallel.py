@@ -3,9 +3,10 @@ FlashHead serves it with the sharded head (flashhead/sharded_head.py): replicate
 owned clusters, one all-reduce of the candidate scores per step.
 
 Three tiny-Llama servers in fp32 at --tensor-parallel-size 2 (one core per worker): the dense
-reference (FLASHHEAD_ENABLED=0), the all-clusters FlashHead model (exact: must equal it token for
-token) and the one-sixteenth-of-the-clusters model (must differ, and both ranks must say they
-served it). Compared against TP=2 dense, not TP=1: the reductions differ between the two.
+reference (FLASHHEAD_ENABLED=0), the default conversion (stage 1 on the head's int4 rows, split
+by vocabulary across the ranks: flashhead/sharded_int4.py) probing every token (exact: must equal
+it token for token), and the centroid model probing one sixteenth of its clusters (must differ,
+and both ranks must say they served it). Compared against TP=2 dense, not TP=1: the reductions differ between the two.
 A fourth server runs the one-sixteenth model at --data-parallel-size 2: two engine cores, each
 with a whole FlashHead of its own. Pipeline parallel is not tested: vLLM's CPU backend fails at
 --pipeline-parallel-size 2 even without the plugin (0.27.1 and 0.32.0: an AssertionError in
@@ -46,8 +47,8 @@ RANK_LINE = re.compile(
 
 
 @pytest.fixture(scope="module")
-def tp_servers(tiny_models, e2e_logs):
-    all_clusters, sixteenth = tiny_models["llama-fh-all"], tiny_models["llama-fh"]
+def tp_servers(tiny_models, tiny_llama_int4_all, e2e_logs):
+    all_clusters, sixteenth = tiny_llama_int4_all, tiny_models["llama-fh"]
     servers = {
         "dense": VllmServer(
             all_clusters,
@@ -82,7 +83,12 @@ def test_all_clusters_equal_tp2_dense_token_for_token(tp_servers):
     assert _greedy(tp_servers["all"]) == dense
     log = tp_servers["all"].log()
     assert_flashhead_path_only(log)
-    assert sorted(m.group(1) for m in RANK_LINE.finditer(log)) == ["0", "1"], log[-3000:]
+    ranks = list(RANK_LINE.finditer(log))
+    assert sorted(m.group(1) for m in ranks) == ["0", "1"], log[-3000:]
+    assert "stage 1: int4 head rows" in log, log[-3000:]
+    # Each rank quantizes its own shard's rows and scores candidates in vLLM's shard: int4
+    # rows, torch's packed form of them and int maps; no copy of the bf16/fp32 rows.
+    assert all(float(m.group(3)) <= 0.6 for m in ranks), [m.group(0) for m in ranks]
     assert "served dense" not in log, log[-3000:]
 
 

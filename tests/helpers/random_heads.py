@@ -34,3 +34,22 @@ def random_assets(
         n_probes=n_probes, special_token_ids=sorted(specials or []),
     )  # fmt: skip
     return weight, assets
+
+
+def random_int4_assets(
+    vocab: int, hidden: int, *, n_probes: int, specials: list[int] | None = None, seed: int = 0
+):
+    """(weight [V, d] float32, FlashHeadAssets) with stage 1 on the head's int4 rows: clusters of
+    one token, in a random order (the assignments are a permutation of the vocabulary)."""
+    from pathlib import Path
+
+    from flashhead.assets import FlashHeadAssets
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=gen)
+    assets = FlashHeadAssets(
+        model_dir=Path("."), cache_dir=Path("."), centroids=torch.zeros(vocab, 0),
+        assignments=torch.randperm(vocab, generator=gen), n_probes=n_probes,
+        special_token_ids=sorted(specials or []), stage1="head_int4", hidden=hidden,
+    )  # fmt: skip
+    return weight, assets

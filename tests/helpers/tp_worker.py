@@ -10,7 +10,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from tests.helpers.random_heads import random_assets
+from tests.helpers.random_heads import random_assets, random_int4_assets
 
 
 def shard_range(vocab: int, world: int, rank: int) -> tuple[int, int, int]:
@@ -44,15 +44,24 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     from flashhead.head import FlashHead
     from flashhead.sharded_head import Collectives, ShardedFlashHead, ShardMismatch
 
-    weight, assets = random_assets(
-        case["vocab"],
-        case["hidden"],
-        case["clusters"],
-        n_probes=case["probes"],
-        specials=case.get("specials"),
-        unequal=case.get("unequal", False),
-        seed=case.get("seed", 0),
-    )
+    if case.get("int4"):
+        weight, assets = random_int4_assets(
+            case["vocab"],
+            case["hidden"],
+            n_probes=case["probes"],
+            specials=case.get("specials"),
+            seed=case.get("seed", 0),
+        )
+    else:
+        weight, assets = random_assets(
+            case["vocab"],
+            case["hidden"],
+            case["clusters"],
+            n_probes=case["probes"],
+            specials=case.get("specials"),
+            unequal=case.get("unequal", False),
+            seed=case.get("seed", 0),
+        )
     start, end, per = shard_range(case["vocab"], world, rank)
     shard = torch.zeros(per, case["hidden"])
     shard[: end - start] = weight[start:end]
@@ -78,7 +87,9 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     h = torch.randn(case["rows"], case["hidden"], generator=gen)
     temperature = case.get("temperature")
     result: dict = {"extra_bytes": head.extra_bytes, "shard_bytes": head.shard_bytes}
-    result["owned_rows"] = head.describe()["owned_rows"]
+    info = head.describe()
+    result["owned_rows"] = info["owned_rows"]
+    result["sent"] = (info["sent_bytes_per_row"], info["dense_sent_bytes_per_row"])
 
     def seeded():
         if temperature is None:
@@ -97,4 +108,6 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     t, g = seeded()
     result["single"] = single.logits(h, temperature=t, generators=g)
     result["centroid_bytes"] = head.meta.cent_q.numel() + 4 * head.meta.cent_scale.numel()
+    # The candidate rows a rank scores are vLLM's shard itself (int4) or its own copy.
+    result["reads_the_shard"] = head.local.wc.data_ptr() == shard.data_ptr()
     return result

@@ -22,8 +22,18 @@ CASES = {
         "plain": {},
         "memory": {"vocab": 4000, "clusters": 250, "hidden": 64, "probes": 8},
         "perturbed": {"perturb_rank": 1},
+        # Stage 1 on int4 head rows: split along the vocabulary, nothing replicated.
+        "int4": {"int4": True, "specials": [0, 7, 499], "probes": 40},
+        "int4_sampled": {"int4": True, "probes": 40, "temperature": [0.0, 0.7, 1.0, 1.5, 0.0]},
+        "int4_plain": {"int4": True, "probes": 40},
+        "int4_memory": {"int4": True, "vocab": 4000, "hidden": 64, "probes": 64},
     },
-    3: {"greedy": {"specials": [0, 7, 499], "unequal": True, "exchange_rows": 13}},
+    3: {
+        "greedy": {"specials": [0, 7, 499], "unequal": True, "exchange_rows": 13},
+        "int4": {"int4": True, "specials": [0, 7, 499], "probes": 40},
+        # More probes than the last rank's 164 tokens: its local top-p is padded.
+        "int4_wide": {"int4": True, "specials": [3], "probes": 200},
+    },
 }
 
 
@@ -71,8 +81,19 @@ def test_every_rank_returns_the_single_rank_logits(results, world):
         assert_same_logits(rank["sharded"], rank["single"])
 
 
-def test_seeded_sampled_rows_draw_the_single_rank_clusters(results):
-    sampled, greedy = results[2]["sampled"], results[2]["plain"]
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_int4_stage1_split_by_vocabulary_returns_the_single_rank_logits(results, world):
+    for name in [n for n in results[world] if n.startswith("int4")]:
+        for rank in results[world][name]:
+            assert "mismatch" not in rank, name
+            assert_same_logits(rank["sharded"], rank["single"])
+            # p of V probed: the candidate set is a real retrieval, not the whole vocabulary.
+            assert torch.isinf(rank["single"]).any(), name
+
+
+@pytest.mark.parametrize("stage1", ["", "int4_"])
+def test_seeded_sampled_rows_draw_the_single_rank_clusters(results, stage1):
+    sampled, greedy = results[2][stage1 + "sampled"], results[2][stage1 + "plain"]
     for rank in sampled:
         assert_same_logits(rank["sharded"], rank["single"])
     # The draw mattered: the sampled rows (1-3) probe other clusters than the same rows greedy.
@@ -91,6 +112,20 @@ def test_each_rank_holds_its_share_of_the_rows(results):
         # Beyond the replicated int8 centroids: the owned rows and slot ids, about one shard.
         rows_and_ids = rank["extra_bytes"] - rank["centroid_bytes"]
         assert rows_and_ids <= 1.1 * rank["shard_bytes"], (rows_and_ids, rank["shard_bytes"])
+
+
+def test_int4_ranks_add_no_copy_of_their_rows(results):
+    for rank in results[2]["int4_memory"]:
+        assert rank["owned_rows"] == 2000  # its own shard's tokens, exactly
+        assert rank["reads_the_shard"]  # stage 2 reads vLLM's shard in place
+        # int4 rows (d/2 bytes + group scales) and int32/int64 maps: well under half a shard
+        assert rank["extra_bytes"] <= 0.5 * rank["shard_bytes"], rank
+        # Per row: the local top-64 (keys, ids) and the 64 candidate scores, against the
+        # rank's 2000 float32 logits in vLLM's gather.
+        sent, dense_sent = rank["sent"]
+        assert dense_sent == 2000 * 4 and sent == 4 * (2 * 64 + 64 + 6), rank["sent"]
+    for rank in results[2]["memory"]:
+        assert not rank["reads_the_shard"]  # centroid clusters: a cluster-major copy
 
 
 def test_ranks_that_probe_differently_stop_together(results):

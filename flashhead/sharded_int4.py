@@ -1,0 +1,221 @@
+"""FlashHead over a vocab-parallel head when stage 1 scores the head's own int4 rows
+(``flash_head_stage1: head_int4``, clusters of one token).
+
+Here stage 1 itself splits along the vocabulary, so nothing is replicated and no row moves:
+
+- **Each rank owns the tokens of its own shard.** It quantizes those rows to int4 (the same
+  per-row quantization as the single-rank head) and scores them; stage 2 reads the candidate
+  rows straight from vLLM's shard, with no cluster-major copy.
+- **One small all-gather picks the probes.** Each rank sends its local top-p (key, cluster id)
+  pairs, ``[B, 2p]`` floats; every rank then selects the global top-p from the same gathered
+  numbers, with the single-rank select, so the ranks cannot disagree. The global top-p lies
+  inside the union of the local top-p sets, so this is the single-rank selection.
+- **Then the same SUM all-reduce of the ``[N, K]`` candidate scores** as `ShardedFlashHead`:
+  each rank fills the slots of the tokens it holds and 0 elsewhere.
+
+Sampled rows draw the full ``[B, V]`` Gumbel noise from each request's generator, as the single-
+rank head does (so a seeded request advances its generator alike), and each rank uses its own
+tokens' columns. Knows nothing of vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flashhead.assets import FlashHeadAssets
+from flashhead.head import slot_layout
+from flashhead.kernels import dispatch
+from flashhead.kernels.index import ClusterIndex
+from flashhead.kernels.int4_rows import Int4Rows, quantize_int4_rows
+from flashhead.kernels.options import KernelOptions
+from flashhead.sampling_noise import draw_gumbel
+from flashhead.sharded_head import Collectives, ShardedFlashHead, token_holders
+
+# Stage-1 caches the backend keeps in the head's buffers (torch's CPU int4 pack, a dequantized
+# copy): memory FlashHead adds, so `extra_bytes` counts them.
+_STAGE1_CACHE_KEYS = ("int4pack", "int4_dequant")
+
+
+class ShardedInt4Head(ShardedFlashHead):
+    """One rank's FlashHead with int4-row stage 1 over its shard. Build it on every rank at the
+    same time (`ShardedFlashHead.build` runs collectives and picks this class)."""
+
+    def __init__(
+        self,
+        meta: ClusterIndex,
+        local: ClusterIndex,
+        local_of: torch.Tensor,
+        assets: FlashHeadAssets,
+        comm: Collectives,
+        shard_bytes: int,
+        rows4: Int4Rows,
+        local_clusters: torch.Tensor,
+        backend: str | None = None,
+        options: KernelOptions | None = None,
+    ):
+        super().__init__(meta, local, local_of, assets, comm, shard_bytes, backend, options)
+        self.rows4 = rows4  # this rank's tokens at int4, in shard order
+        self.local_clusters = local_clusters  # [n_local] global cluster of each local row
+
+    @classmethod
+    def build_int4(
+        cls,
+        shard: torch.Tensor,
+        vocab_start: int,
+        vocab_end: int,
+        assets: FlashHeadAssets,
+        comm: Collectives,
+        *,
+        backend: str | None = None,
+        options: KernelOptions | None = None,
+    ) -> ShardedInt4Head:
+        device = shard.device
+        layout = slot_layout(assets, device)
+        if layout.cluster_size != 1:
+            raise ValueError(
+                f"ShardedFlashHead.build: stage 1 head_int4 needs clusters of one token, the "
+                f"assets have clusters of {layout.cluster_size}"
+            )
+        c, n_spc = layout.n_clusters, layout.n_special_clusters
+        token = layout.slot_ids.to(torch.int64)  # [c + n_spc]: one token per block
+        holder = token_holders(token, vocab_start, vocab_end, comm)
+        local_of = torch.where(holder == comm.rank, token - vocab_start, -1)
+        cluster_of_token = torch.empty(assets.vocab_size, dtype=torch.int64, device=device)
+        cluster_of_token[token[:c]] = torch.arange(c, device=device)
+        n_local = vocab_end - vocab_start
+        rows = shard[:n_local]  # a view: stage 2 reads vLLM's own shard
+        meta = ClusterIndex(
+            wc=shard[:0],
+            slot_ids=layout.slot_ids,
+            slot_home=layout.slot_home,
+            cent_q=torch.zeros(c, 0, dtype=torch.int8, device=device),
+            cent_scale=torch.zeros(0, dtype=torch.float32, device=device),
+            n_clusters=c,
+            cluster_size=1,
+            n_special_clusters=n_spc,
+        )
+        # Stage 2's slot ids are placeholders (never -1): the global ids decide padding.
+        local = ClusterIndex(
+            wc=rows,
+            slot_ids=torch.zeros(n_local, dtype=torch.int32, device=device),
+            slot_home=torch.full((n_local,), -1, dtype=torch.int32, device=device),
+            cent_q=meta.cent_q[:0],
+            cent_scale=meta.cent_scale,
+            n_clusters=n_local,
+            cluster_size=1,
+            n_special_clusters=0,
+        )
+        head = cls(
+            meta,
+            local,
+            local_of,
+            assets,
+            comm,
+            shard.numel() * shard.element_size(),
+            quantize_int4_rows(rows),
+            cluster_of_token[vocab_start:vocab_end].contiguous(),
+            backend,
+            options,
+        )
+        # Build the backend's stage-1 form now (torch's CPU int4 pack: about a second for a
+        # large head), so the first request does not wait and `extra_bytes` shows it.
+        head._ops.probe_keys_int4(
+            torch.zeros(1, rows.shape[1], dtype=rows.dtype, device=device),
+            head.rows4,
+            buffers=head._buffers,
+        )
+        return head
+
+    # -- what the handler reads --------------------------------------------------------------
+    @property
+    def owned_rows(self) -> int:
+        return int(self.local.wc.shape[0])
+
+    @property
+    def sent_bytes_per_row(self) -> int:
+        """The all-reduce of the candidate scores, plus the all-gather of the local top-p."""
+        return super().sent_bytes_per_row + 4 * 2 * self.n_probes
+
+    @property
+    def extra_bytes(self) -> int:
+        """Int4 rows (and the backend's cached form of them), slot ids and maps. The candidate
+        rows themselves are vLLM's shard: no copy."""
+        tensors = [
+            self.rows4.q,
+            self.rows4.scale,
+            self.rows4.zero,
+            self.local_clusters,
+            self.local_of,
+            self.meta.slot_ids,
+            self.meta.slot_home,
+            self.local.slot_ids,
+            self.local.slot_home,
+        ]
+        for key, value in self._buffers.items():
+            if isinstance(key, tuple) and key and key[0] in _STAGE1_CACHE_KEYS:
+                tensors += list(value) if isinstance(value, tuple) else [value]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
+        """The single-rank rule on this rank's share of the head: every rank scores all the
+        candidate slots (the ones it does not hold cost a masked row each)."""
+        return dispatch.prefer_dense(
+            self.backend,
+            device or self.local.wc.device,
+            n_rows,
+            self.candidate_rows,
+            self.vocab_size // self.world_size,
+            self.options.dense_min_batch,
+            self.meta.n_clusters,
+        )
+
+    # -- one step ----------------------------------------------------------------------------
+    def _select(
+        self,
+        h: torch.Tensor,
+        inv_t: torch.Tensor | None,
+        temperature: torch.Tensor | None,
+        generators: Sequence[torch.Generator | None] | None,
+    ) -> torch.Tensor:
+        n_rows, p, c = h.shape[0], self.n_probes, self.meta.n_clusters
+        noise = draw_gumbel(n_rows, c, temperature, generators, h.device)
+        keys = self._ops.probe_keys_int4(
+            h,
+            self.rows4,
+            inv_t if noise is not None else None,
+            None if noise is None else noise[:, self.local_clusters],
+            buffers=self._buffers,
+        )
+        k = min(p, keys.shape[1])
+        top = keys.topk(k, dim=1, sorted=False)
+        # [B, 2p]: keys then cluster ids (float32: exact below 2^24), -inf / -1 padding where
+        # this rank holds fewer than p tokens.
+        send = torch.full((n_rows, 2 * p), float("-inf"), device=h.device)
+        send[:, p:] = -1.0
+        send[:, :k] = top.values
+        send[:, p : p + k] = self.local_clusters[top.indices].float()
+        got = self.comm.all_gather(send).view(self.world_size, n_rows, 2 * p)
+        values = got[:, :, :p].permute(1, 0, 2).reshape(n_rows, -1)
+        ids = got[:, :, p:].permute(1, 0, 2).reshape(n_rows, -1).to(torch.int64)
+        full = torch.full((n_rows, c), float("-inf"), device=h.device)
+        full.scatter_reduce_(1, ids.clamp_min(0), values, reduce="amax")
+        return self._ops.select_probes(full, p, self.meta.n_special_clusters)
+
+    def _owned_scores(self, h: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        local = self.local_of[probes]
+        _, scores, _ = self._ops.candidate_scores(
+            h,
+            self.local,
+            local.clamp_min(0),
+            None,
+            None,
+            want_tokens=False,
+            want_scores=True,
+            buffers=self._buffers,
+        )
+        return scores.masked_fill(local < 0, 0.0)
+
+
+__all__ = ["ShardedInt4Head"]
