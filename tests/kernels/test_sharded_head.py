@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from flashhead.kernels import reference
 from flashhead.sharded_head import cluster_owner
+from flashhead.sharded_int4 import local_top, select_gathered
 from tests.helpers import tp_worker
 
 BASE = {"vocab": 500, "hidden": 32, "clusters": 40, "probes": 6, "rows": 5}
@@ -135,3 +137,23 @@ def test_ranks_that_probe_differently_stop_together(results):
 def test_cluster_owner_balances_and_gives_specials_to_rank_zero():
     owner = cluster_owner(10, 2, 3)
     assert owner.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_select_from_the_ranks_top_p_is_the_select_over_all_keys(world):
+    # Keys on a coarse grid: many ties at the threshold, which go to the smallest cluster ids.
+    gen = torch.Generator().manual_seed(world)
+    c, p, n_special, rows = 300, 40, 2, 6
+    keys = torch.randint(0, 12, (rows, c), generator=gen).float()
+    owner = torch.randint(0, world, (c,), generator=gen)
+    values, ids = [], []
+    for rank in range(world):
+        mine = (owner == rank).nonzero().flatten()
+        k = min(p, len(mine))
+        # Each rank's columns in its own (shuffled) order, as a shard's tokens are.
+        mine = mine[torch.randperm(len(mine), generator=gen)]
+        top_values, top_ids = local_top(keys[:, mine], mine, k)
+        values.append(torch.nn.functional.pad(top_values, (0, p - k), value=float("-inf")))
+        ids.append(torch.nn.functional.pad(top_ids, (0, p - k), value=-1))
+    got = select_gathered(torch.cat(values, 1), torch.cat(ids, 1), p, c, n_special)
+    assert torch.equal(got, reference.select_probes(keys, p, n_special))
