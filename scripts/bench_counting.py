@@ -6,7 +6,7 @@
 Two servers cannot resolve 1 % on a busy 2-core machine (they differ by more than that from run
 to run), so this runs one vLLM engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and
 alternates, round after round in A B B A order, greedy batch-1 decoding with the counting call
-in place and with it replaced by a no-op. Decode rate per round: (long - short) tokens over
+in place and with it replaced by a no-op, and times the counting call inside the steps. Decode rate per round: (long - short) tokens over
 (t_long - t_short), which cancels prefill and scheduling. Prints the median rate each way, the
 ratio, and the spread of the ratio over round pairs. FLASHHEAD_SHADOW is left as the
 environment sets it (0 by default: counting only).
@@ -44,11 +44,15 @@ def main() -> int:
 
     llm = LLM(str(args.model), enforce_eager=True, max_model_len=512, seed=0)
     real = logits_handler.count_and_shadow
-    calls = {"on": 0}
+    calls = {"on": 0, "seconds": 0.0}
 
     def counting(*a, **k):
-        calls["on"] += 1
-        return real(*a, **k)
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            calls["seconds"] += time.perf_counter() - t0
+            calls["on"] += 1
 
     def no_op(*a, **k):
         return None
@@ -72,12 +76,16 @@ def main() -> int:
         return (args.tokens - SHORT) / max(t_long - t_short, 1e-9)
 
     rate("on", PROMPTS[0])  # warm-up (first-call packing, allocator)
-    calls["on"] = 0
+    calls.update(on=0, seconds=0.0)
+    on_seconds = 0.0
     rates: dict[str, list[float]] = {"on": [], "off": []}
     order = ["on", "off", "off", "on"]
     for r in range(args.rounds * 2):
         mode = order[r % 4]
+        t0 = time.perf_counter()
         rates[mode].append(rate(mode, PROMPTS[(r // 2) % len(PROMPTS)]))
+        if mode == "on":
+            on_seconds += time.perf_counter() - t0
     if calls["on"] == 0:
         print("FlashHead did not serve this model's decode steps: nothing was counted")
         return 1
@@ -93,6 +101,13 @@ def main() -> int:
     print(
         f"  on / off: {on / off:.4f} (round pairs: min {min(pairs):.3f}, median "
         f"{statistics.median(pairs):.3f}, max {max(pairs):.3f}); {calls['on']} counted calls"
+    )
+    # The counting call timed inside the real decode steps (the writer thread, which runs only
+    # after a change, shows in the rates above, not here).
+    per_call = calls["seconds"] / calls["on"] * 1e6
+    print(
+        f"  the counting call itself: {per_call:.1f} us per logits call, "
+        f"{calls['seconds'] / on_seconds:.3%} of the counted rounds' time"
     )
     return 0
 

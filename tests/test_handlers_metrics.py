@@ -102,6 +102,18 @@ def test_shadow_off_by_default(model, counted):
     assert counters.shadow == {}
 
 
+def test_a_request_that_asks_is_shadowed_with_the_share_at_zero(model, counted):
+    _, head = model
+    counters, _ = counted
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    asked = RowDecision(RowKind.GREEDY, shadow=True)
+    plan = StepPlan(decisions=[asked, RowDecision(RowKind.GREEDY), asked, asked])
+    with plan_scope(plan):
+        proc(head, torch.randn(4, D))
+    (shadow,) = counters.shadow.values()
+    assert shadow[0] == 3  # the three rows of the asking requests, not the fourth
+
+
 def test_shadow_agrees_when_every_cluster_is_probed(model, counted):
     model_dir, head = model
     counters, env = counted

@@ -70,6 +70,26 @@ def test_classify_choice_table(kw, kind):
         assert decision.reason
 
 
+@pytest.mark.parametrize(
+    "extra, asked",
+    [
+        (None, False),
+        ({}, False),
+        ({"flashhead_shadow": 1}, True),
+        ({"flashhead_shadow": "true"}, True),
+        ({"flashhead_shadow": 0}, False),
+        ({"flashhead_shadow": "no"}, False),
+        ({"flashhead_shadow": [1]}, False),
+        ({"other": 1}, False),
+    ],
+)
+def test_a_greedy_request_can_ask_for_the_shadow_check(extra, asked):
+    decision = classify(params(temperature=0.0, extra_args=extra))
+    assert decision.kind is RowKind.GREEDY and decision.shadow is asked
+    # Sampled rows are never shadowed (their top-1 is a draw), asked or not.
+    assert not classify(params(temperature=0.8, extra_args=extra)).shadow
+
+
 def test_classify_empty_collections_are_not_features():
     assert classify(params(temperature=0.0, logit_bias={}, bad_words=[])).kind is RowKind.GREEDY
 

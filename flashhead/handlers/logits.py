@@ -451,9 +451,8 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     # A fixed seed per model: tensor-parallel ranks must shadow the same rows (each shadowed
     # row is a collective there).
     seed = zlib.crc32(model.encode())
-    shadow = (
-        ShadowCheck(opts.shadow, opts.shadow_min_agreement, seed=seed) if opts.shadow > 0 else None
-    )
+    # Always there: a request may ask for the check on its own rows even at FLASHHEAD_SHADOW=0.
+    shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement, seed=seed)
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     state.build_context, speculative = build_context()
     if speculative:  # a drafter is built under the target's config, after the target

@@ -47,6 +47,7 @@ class RowDecision:
     kind: RowKind
     temperature: float = 0.0
     reason: str = ""  # why DENSE (a DenseReason); empty otherwise
+    shadow: bool = False  # the request asked for the shadow check on its rows (SHADOW_REQUEST_ARG)
 
     @property
     def label(self) -> str:
@@ -66,6 +67,18 @@ _DENSE_FEATURES: tuple[tuple[str, DenseReason], ...] = (
     ("logprob_token_ids", DenseReason("logprobs of specific tokens requested", "logprobs")),
 )
 NO_SAMPLING_PARAMS = DenseReason("no sampling params (pooling or unknown)", "no_sampling_params")
+# A request asks for the shadow check on its own greedy rows with vLLM's extra sampling args:
+# `"vllm_xargs": {"flashhead_shadow": 1}` in an OpenAI request (SamplingParams.extra_args).
+SHADOW_REQUEST_ARG = "flashhead_shadow"
+_TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def requests_shadow(sampling_params: Any) -> bool:
+    extra = getattr(sampling_params, "extra_args", None)
+    value = extra.get(SHADOW_REQUEST_ARG) if isinstance(extra, dict) else None
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_WORDS
+    return bool(value) if isinstance(value, (bool, int, float)) else False
 
 
 def classify(sampling_params: Any) -> RowDecision:
@@ -85,7 +98,7 @@ def classify(sampling_params: Any) -> RowDecision:
             return RowDecision(RowKind.DENSE, reason=reason)
     temperature = float(getattr(sampling_params, "temperature", 1.0) or 0.0)
     if temperature < GREEDY_TEMPERATURE_EPS:
-        return RowDecision(RowKind.GREEDY)
+        return RowDecision(RowKind.GREEDY, shadow=requests_shadow(sampling_params))
     return RowDecision(RowKind.SAMPLED, temperature=temperature)
 
 

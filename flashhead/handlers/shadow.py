@@ -2,7 +2,8 @@
 server's own traffic.
 
 With ``FLASHHEAD_SHADOW=f`` a share ``f`` of FlashHead's greedy rows is also scored by the dense
-head in the same step. The dense result is compared, never served: whether FlashHead's top-1
+head in the same step, and so is every greedy row of a request that asks for it
+(``"vllm_xargs": {"flashhead_shadow": 1}``, `plan.SHADOW_REQUEST_ARG`), whatever ``f``. The dense result is compared, never served: whether FlashHead's top-1
 equals the dense top-1, and whether the dense top-1 is among FlashHead's top 5. Rows are drawn
 from a generator of the check's own, so no request's sampling changes. Sampled rows are not
 shadowed: their probes are themselves a random draw, so their top-1 is not FlashHead's answer.
@@ -109,7 +110,8 @@ def count_and_shadow(
     if shadow is None or by_dispatcher:
         return
     greedy = [i for i in flash_rows if plan.decisions[i].kind is RowKind.GREEDY]
-    rows = shadow.pick(greedy)
+    picked = set(shadow.pick(greedy))
+    rows = [i for i in greedy if i in picked or plan.decisions[i].shadow]
     if not rows:
         return
     try:

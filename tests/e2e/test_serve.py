@@ -164,6 +164,32 @@ class TestDefaultProbes:
         # Floor measured when written (see docs/convert.md); issue 10's target is 19/20.
         assert len(asked) - len(differing) >= ANSWER_FLOOR
 
+    def test_a_request_can_ask_for_the_shadow_check(self, default_probe_servers):
+        fh, _ = default_probe_servers  # FLASHHEAD_SHADOW unset: no row is shadowed by share
+
+        def shadow_and_flash_rows() -> tuple[int, int]:
+            reports = _flashhead_metrics(fh).values()
+            return sum(r.shadow_rows for r in reports), sum(
+                r.rows.get("flashhead", 0) for r in reports
+            )
+
+        def settled(before: tuple[int, int], flash_rows: int) -> tuple[int, int]:
+            for _ in range(40):  # the workers write their counters every 0.25 s
+                now = shadow_and_flash_rows()
+                if now[1] >= before[1] + flash_rows:
+                    return now
+                time.sleep(0.1)
+            return now
+
+        fh.complete(PROMPTS[0], max_tokens=2, temperature=0.0)  # counters exist from here on
+        before = settled(shadow_and_flash_rows(), 0)
+        fh.complete(PROMPTS[1], max_tokens=10, temperature=0.0, vllm_xargs={"flashhead_shadow": 1})
+        asked = settled(before, 9)
+        assert 9 <= asked[0] - before[0] <= 10, (before, asked)  # its own rows, shadowed
+        fh.complete(PROMPTS[2], max_tokens=10, temperature=0.0)
+        plain = settled(asked, 9)
+        assert plain[0] == asked[0] and plain[1] >= asked[1] + 9, (asked, plain)
+
     def test_logprobs_requests_are_served_dense(self, default_probe_servers):
         fh, dense = default_probe_servers
         for prompt in PROMPTS[:3]:
