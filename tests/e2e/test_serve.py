@@ -169,25 +169,31 @@ class TestDefaultProbes:
 
         def shadow_and_flash_rows() -> tuple[int, int]:
             reports = _flashhead_metrics(fh).values()
-            return sum(r.shadow_rows for r in reports), sum(
-                r.rows.get("flashhead", 0) for r in reports
+            return (
+                sum(r.shadow_rows for r in reports),
+                sum(r.rows.get("flashhead", 0) for r in reports),
             )
 
-        def settled(before: tuple[int, int], flash_rows: int) -> tuple[int, int]:
-            for _ in range(40):  # the workers write their counters every 0.25 s
+        def settled(flash_at_least: int) -> tuple[int, int]:
+            # The workers write their counters every 0.25 s: wait for the rows, then for two
+            # readings 0.6 s apart to agree (a call's rows and shadow rows may land apart).
+            last = shadow_and_flash_rows()
+            for _ in range(30):
+                time.sleep(0.6)
                 now = shadow_and_flash_rows()
-                if now[1] >= before[1] + flash_rows:
+                if now == last and now[1] >= flash_at_least:
                     return now
-                time.sleep(0.1)
-            return now
+                last = now
+            return last
 
         fh.complete(PROMPTS[0], max_tokens=2, temperature=0.0)  # counters exist from here on
-        before = settled(shadow_and_flash_rows(), 0)
+        before = settled(0)
         fh.complete(PROMPTS[1], max_tokens=10, temperature=0.0, vllm_xargs={"flashhead_shadow": 1})
-        asked = settled(before, 9)
-        assert 9 <= asked[0] - before[0] <= 10, (before, asked)  # its own rows, shadowed
+        asked = settled(before[1] + 9)
+        shadowed, served = asked[0] - before[0], asked[1] - before[1]
+        assert 9 <= served <= 10 and shadowed == served, (before, asked)  # all its rows
         fh.complete(PROMPTS[2], max_tokens=10, temperature=0.0)
-        plain = settled(asked, 9)
+        plain = settled(asked[1] + 9)
         assert plain[0] == asked[0] and plain[1] >= asked[1] + 9, (asked, plain)
 
     def test_logprobs_requests_are_served_dense(self, default_probe_servers):
