@@ -42,7 +42,7 @@ CUDA_GRAPHS_ENV = "FLASHHEAD_CUDA_GRAPHS"
 GUARD_WINDOW = 512
 GUARD_MIN_ROWS = 128
 
-_TRUE = ("1", "true", "yes", "on")
+TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -86,7 +86,7 @@ class _Bad(ValueError):
 
 def _boolean(raw: str) -> bool:
     low = raw.lower()
-    if low in _TRUE:
+    if low in TRUE_WORDS:
         return True
     if low in _FALSE:
         return False

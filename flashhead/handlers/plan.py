@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from flashhead.settings import TRUE_WORDS
+
 # vLLM treats temperatures below this as greedy (vllm.sampling_params._SAMPLING_EPS).
 GREEDY_TEMPERATURE_EPS = 1e-5
 
@@ -70,14 +72,13 @@ NO_SAMPLING_PARAMS = DenseReason("no sampling params (pooling or unknown)", "no_
 # A request asks for the shadow check on its own greedy rows with vLLM's extra sampling args:
 # `"vllm_xargs": {"flashhead_shadow": 1}` in an OpenAI request (SamplingParams.extra_args).
 SHADOW_REQUEST_ARG = "flashhead_shadow"
-_TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def requests_shadow(sampling_params: Any) -> bool:
     extra = getattr(sampling_params, "extra_args", None)
     value = extra.get(SHADOW_REQUEST_ARG) if isinstance(extra, dict) else None
     if isinstance(value, str):
-        return value.strip().lower() in _TRUE_WORDS
+        return value.strip().lower() in TRUE_WORDS
     return bool(value) if isinstance(value, (bool, int, float)) else False
 
 

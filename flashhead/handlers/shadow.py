@@ -3,8 +3,9 @@ server's own traffic.
 
 With ``FLASHHEAD_SHADOW=f`` a share ``f`` of FlashHead's greedy rows is also scored by the dense
 head in the same step, and so is every greedy row of a request that asks for it
-(``"vllm_xargs": {"flashhead_shadow": 1}``, `plan.SHADOW_REQUEST_ARG`), whatever ``f``. The dense result is compared, never served: whether FlashHead's top-1
-equals the dense top-1, and whether the dense top-1 is among FlashHead's top 5. Rows are drawn
+(``"vllm_xargs": {"flashhead_shadow": 1}``, `plan.SHADOW_REQUEST_ARG`), whatever ``f``. The
+dense result is compared, never served: whether FlashHead's top-1 equals the dense top-1, and
+whether the dense top-1 is among FlashHead's top 5. Rows are drawn
 from a generator of the check's own, so no request's sampling changes. Sampled rows are not
 shadowed: their probes are themselves a random draw, so their top-1 is not FlashHead's answer.
 
