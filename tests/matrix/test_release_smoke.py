@@ -6,7 +6,8 @@ saved by transformers 5), its own flashhead converts it, its own ``vllm serve`` 
 servers run in float32, where a greedy tie between two tokens is practically impossible, so
 "equal" means token for token.
 
-``scripts/matrix.sh X`` runs this for release X; the full e2e suites cover 0.27.1 and 0.32.0.
+``scripts/matrix.sh X`` runs this for release X; scripts/test.sh runs it on 0.27.1 too. On 0.32.0
+the full e2e suite checks all of it with more servers, and CI skips it there (marker matrix).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,15 @@ from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
 from helpers.server import VllmServer, start_all
 
+from flashhead.server_report import fetch_metrics_text, parse_reports
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.e2e, pytest.mark.matrix]
 
 TESTS = Path(__file__).resolve().parents[1]
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Point:", "for i in range(10):"]
 N_TOKENS = 16
+# The token a +100 logit_bias request forces (of 8000; about 1 in 500 is probed at one probe).
+BIASED = 1000
 SERVE = ("--dtype", "float32")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -94,30 +100,33 @@ def models(test_python, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def servers(models, test_python, tmp_path_factory):
-    """Five servers of the release in two groups (2 cores): each group's start-up overlaps, so
-    two groups cost less than three."""
+    """Four servers of the release in two pairs (2 cores: a pair's start-up overlaps), and a
+    FlashHead model started without the plugin beside the second pair (it must refuse)."""
     logs = tmp_path_factory.mktemp("matrix-logs")
 
     def server(name: str, model: str, env: dict | None = None) -> VllmServer:
         return VllmServer(models[model], logs / f"{name}.log", env=env, args=SERVE,
                           served_name=name, python=test_python)  # fmt: skip
 
-    out = {}
+    out: dict = {}
+    # The plain model is the dense reference: the FlashHead folders hold its weights.
     groups = [
-        [server("fh-all", "fh-all", NEVER_DENSE), server("dense", "fh-all", {"FLASHHEAD_ENABLED": "0"})],
-        [server("fh-1", "fh-1"), server("plain", "plain"),
-         server("plain-no-plugin", "plain", {"VLLM_PLUGINS": ""})],
-    ]  # fmt: skip
+        [server("fh-all", "fh-all", NEVER_DENSE), server("plain", "plain")],
+        [server("fh-1", "fh-1"), server("plain-no-plugin", "plain", {"VLLM_PLUGINS": ""})],
+    ]
+    refused = server("refused", "fh-1", {"VLLM_PLUGINS": ""})
     try:
-        for group in groups:
+        for i, group in enumerate(groups):
+            if i == 1:
+                refused.start()
             start_all(group)
             for s in group:
                 out[s.name] = _Answers(s)  # asks, then stops the server and keeps its log
+        out["refused"] = _Refused(refused)
         yield out
     finally:
-        for group in groups:
-            for s in group:
-                s.stop()
+        for s in [*groups[0], *groups[1], refused]:
+            s.stop()
 
 
 class _Answers:
@@ -125,20 +134,42 @@ class _Answers:
 
     def __init__(self, server: VllmServer):
         # Text, not token ids: `return_token_ids` is newer than the oldest releases here.
-        def complete(prompt: str, **params) -> str:
+        def complete(prompt: str, **params) -> dict:
             body = {"prompt": prompt, "max_tokens": N_TOKENS, "ignore_eos": True, **params}
-            return server.post("/v1/completions", body)["choices"][0]["text"]
+            return server.post("/v1/completions", body)["choices"][0]
 
         def greedy(prompt: str) -> str:
-            return complete(prompt, temperature=0.0)
+            return complete(prompt, temperature=0.0)["text"]
 
         def seeded(prompt: str) -> str:
-            return complete(prompt, temperature=0.8, top_p=0.9, seed=7)
+            return complete(prompt, temperature=0.8, top_p=0.9, seed=7)["text"]
 
         # One request at a time: equal batch shapes on every server.
         self.greedy = [greedy(p) for p in PROMPTS]
         self.seeded = [seeded(p) for p in PROMPTS]
         self.seeded_again = [seeded(p) for p in PROMPTS]
+        # Rows that need vLLM's own logits. Which requests need them is read from the runner's
+        # per-release batch state, so every release checks it. A +100 bias on a token of no
+        # probed cluster would be lost (-inf + 100) had FlashHead served the row.
+        logprobs = complete(PROMPTS[0], temperature=0.0, logprobs=3)
+        self.logprobs_text = logprobs["text"]
+        self.top_logprobs = logprobs["logprobs"]["top_logprobs"]
+        self.biased = complete(PROMPTS[1], temperature=0.0, logit_bias={str(BIASED): 100.0})["text"]
+        time.sleep(0.6)  # the workers write their counters every 0.25 s
+        self.metrics = parse_reports(fetch_metrics_text(server.url))
+        server.stop()
+        self.log = server.log()
+
+
+class _Refused:
+    """A FlashHead model served without the plugin: vLLM exits, naming the architecture."""
+
+    def __init__(self, server: VllmServer):
+        assert server.proc is not None
+        try:
+            self.returncode = server.proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.returncode = None
         server.stop()
         self.log = server.log()
 
@@ -174,7 +205,7 @@ def test_plugin_starts_in_every_vllm_process(servers, release):
 
 
 def test_all_probes_equal_dense(servers, release):
-    assert servers["fh-all"].greedy == servers["dense"].greedy
+    assert servers["fh-all"].greedy == servers["plain"].greedy
     log = servers["fh-all"].log
     if _serves_flashhead(release):
         assert_flashhead_path_only(log)
@@ -185,10 +216,10 @@ def test_all_probes_equal_dense(servers, release):
 def test_one_probe_differs_from_dense_and_flashhead_served_it(servers, release):
     if not _serves_flashhead(release):
         # serve: dense: the FlashHead model is the dense model, whatever its n_probes.
-        assert servers["fh-1"].greedy == servers["dense"].greedy
+        assert servers["fh-1"].greedy == servers["plain"].greedy
         assert SERVING_LINE not in servers["fh-1"].log
         return
-    assert servers["fh-1"].greedy != servers["dense"].greedy
+    assert servers["fh-1"].greedy != servers["plain"].greedy
     assert SERVING_LINE in servers["fh-1"].log, servers["fh-1"].log[-3000:]
 
 
@@ -198,22 +229,39 @@ def test_seeded_sampling_repeats(servers, name):
 
 
 def test_plain_model_is_untouched_by_the_plugin(servers):
-    """A plain model serves the same with the plugin loaded and without it, and the same as the
-    FlashHead folder served dense (same weights)."""
+    """A plain model serves the same with the plugin loaded and without it."""
     assert servers["plain"].greedy == servers["plain-no-plugin"].greedy
-    assert servers["plain"].greedy == servers["dense"].greedy
     assert servers["plain"].seeded == servers["plain-no-plugin"].seeded
+    assert servers["plain"].biased == servers["plain-no-plugin"].biased
     assert SERVING_LINE not in servers["plain"].log
 
 
-def test_flashhead_model_is_refused_without_the_plugin(models, test_python, tmp_path):
-    server = VllmServer(models["fh-1"], tmp_path / "refused.log", env={"VLLM_PLUGINS": ""},
-                        args=SERVE, python=test_python)  # fmt: skip
-    server.start()
-    try:
-        with pytest.raises(Exception, match="exited"):
-            server.wait_ready(timeout=300)
-    finally:
-        server.stop()
-    log = server.log()
-    assert "FlashHeadLlamaForCausalLM" in log and "not supported" in log.lower(), log[-3000:]
+def test_rows_that_need_exact_logits_are_served_dense(servers):
+    """logprobs and logit_bias requests on the one-probe model answer as the plain model."""
+    fh, plain = servers["fh-1"], servers["plain"]
+    assert fh.logprobs_text == plain.logprobs_text
+    assert len(fh.top_logprobs) == len(plain.top_logprobs) == N_TOKENS
+    for a, b in zip(fh.top_logprobs, plain.top_logprobs):
+        assert a.keys() == b.keys()
+        for tok in a:
+            assert a[tok] == pytest.approx(b[tok], abs=1e-4)
+    assert fh.biased == plain.biased
+    assert plain.biased != plain.greedy[1]  # the bias changed the answer: the check bites
+
+
+def test_metrics_count_the_rows_by_path(servers, release):
+    (report,) = servers["fh-1"].metrics.values()
+    if not _serves_flashhead(release):
+        assert "flashhead" not in report.rows, report
+        return
+    # 4 greedy + 8 seeded requests of N_TOKENS rows each; the logprobs request's rows are dense.
+    assert report.rows["flashhead"] >= 12 * N_TOKENS, report
+    assert report.rows["dense:logprobs"] == N_TOKENS, report
+    assert not servers["plain"].metrics  # a plain model is not counted
+
+
+def test_flashhead_model_is_refused_without_the_plugin(servers):
+    refused = servers["refused"]
+    assert refused.returncode not in (None, 0), refused.log[-3000:]
+    assert "FlashHeadLlamaForCausalLM" in refused.log, refused.log[-3000:]
+    assert "not supported" in refused.log.lower(), refused.log[-3000:]
