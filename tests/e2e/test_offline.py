@@ -1,10 +1,12 @@
 """Offline ``vllm.LLM(...)`` with FlashHead models (tiny Llama and Qwen3 built here), each run in
 a subprocess with its script under ``if __name__ == "__main__":`` (vLLM spawns processes).
-Also: a FlashHead model refuses to load without the plugin, and loads dense with
-FLASHHEAD_ENABLED=0."""
+Also: a FlashHead model refuses to load without the plugin, and a plain model with the plugin
+loaded answers as FlashHead probing every cluster (the kill switch FLASHHEAD_ENABLED=0 is
+checked by test_serve's dense server)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -14,7 +16,10 @@ from helpers.server import vllm_env
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._offline import SCRIPT, assert_same_logprobs, run_offline
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+# The plugin's start-up line ("[flashhead] flashhead X.Y: vLLM ..., process ..."): it loaded.
+PLUGIN_STARTED = re.compile(r"\[flashhead\] flashhead \d")
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.main_release]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +30,14 @@ def runs(tiny_models, tmp_path_factory):
         results[f"{kind}-all"] = run_offline(
             tiny_models[f"{kind}-fh-all"], out / f"{kind}-all.json", NEVER_DENSE
         )
-        # The dense references run in one process (faster start); FlashHead runs use vLLM's
-        # default multiprocess layout (API/engine/worker), like a user's script.
+        # The dense references are the plain models (the FlashHead folders hold their weights)
+        # with the plugin loaded: FlashHead must leave a plain model alone. They run in one
+        # process (faster start); FlashHead runs use vLLM's default multiprocess layout
+        # (API/engine/worker), like a user's script.
         results[f"{kind}-dense"] = run_offline(
-            tiny_models[f"{kind}-fh"],
+            tiny_models[f"{kind}-base"],
             out / f"{kind}-dense.json",
-            {"FLASHHEAD_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         )
     results["llama-default"] = run_offline(tiny_models["llama-fh"], out / "llama-default.json")
     # The shadow guard at 1/16 of the clusters: 4 x 40 warm-up greedy rows, of which the guard
@@ -48,6 +55,7 @@ def runs(tiny_models, tmp_path_factory):
 def test_all_clusters_equals_dense(runs, kind):
     fh, dense = runs[f"{kind}-all"], runs[f"{kind}-dense"]
     assert_flashhead_path_only(fh["log"])
+    assert PLUGIN_STARTED.search(dense["log"]), dense["log"][-3000:]
     assert SERVING_LINE not in dense["log"]
     assert fh["greedy"] == dense["greedy"]
     # FlashHead leaves vLLM's sampling stream alone: at all clusters seeded sampling is the dense
