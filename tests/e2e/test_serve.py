@@ -26,7 +26,7 @@ from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._models import with_probes
 from flashhead.server_report import parse_reports
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.main_release]
 
 PROMPTS = [
     "The capital of France is",
