@@ -62,7 +62,7 @@ def test_default_convert_keeps_the_dense_answers(tmp_path, monkeypatch):
         out,
         corpora=["chat", "markdown", "qa"],
         probes=[assets.n_probes],
-        n_tokens=2048,
+        n_tokens=1024,
         progress=False,
         answers=20,
     )
@@ -96,7 +96,7 @@ def test_centroid_convert_and_agreement_stays_above_the_floor(tmp_path, monkeypa
         out,
         corpora=["prose", "chat", "markdown"],
         probes=[assets.n_probes],
-        n_tokens=2048,
+        n_tokens=1024,
         progress=False,
         answers=20,
     )
