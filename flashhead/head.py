@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flashhead.assets import FlashHeadAssets
-from flashhead.kernels import dispatch
+from flashhead.kernels import dispatch, reference
 from flashhead.kernels.index import ClusterIndex, candidate_ids
 from flashhead.kernels.logit_transform import LogitTransform
 from flashhead.kernels.options import KernelOptions
@@ -226,7 +226,15 @@ class FlashHead:
     ) -> FlashHead:
         weight = weight.detach()
         index = build_index(weight, assets)
-        return cls(weight[: assets.vocab_size], index, assets, backend, options)
+        head = cls(weight[: assets.vocab_size], index, assets, backend, options)
+        if index.rows4 is not None:
+            # The backend's stage-1 form of the int4 rows (torch's CPU int4 pack: about a second
+            # for a large head) is built now, so the first request does not wait for it and
+            # `extra_bytes` shows it.
+            head._ops.probe_keys_int4(
+                weight.new_zeros(1, index.hidden_size), index.rows4, buffers=head._buffers
+            )
+        return head
 
     @property
     def cluster_major_bytes(self) -> int:
@@ -237,12 +245,13 @@ class FlashHead:
     @property
     def extra_bytes(self) -> int:
         """Memory FlashHead adds next to the model's head (cluster-major copy + stage 1: int8
-        centroids or int4 rows)."""
+        centroids or int4 rows, and the backend's cached form of those)."""
         i = self.index
         parts = [i.wc, i.slot_ids, i.slot_home, i.cent_q, i.cent_scale]
         if i.rows4 is not None:
             parts += [i.rows4.q, i.rows4.scale, i.rows4.zero]
-        return sum(t.numel() * t.element_size() for t in parts)
+        own = sum(t.numel() * t.element_size() for t in parts)
+        return own + reference.stage1_cache_bytes(self._buffers)
 
     @property
     def candidate_rows(self) -> int:

@@ -3,12 +3,12 @@ the head's rows, as vLLM's ``ParallelLMHead`` does.
 
 - **Stage 1 is replicated.** Every rank keeps all int8 centroids (small: c x d bytes), scores
   them on the same hidden states, and selects the same top-p clusters.
-- **Clusters are owned by ranks** (cluster k by rank ``k % world``; the special-token blocks by
-  rank 0), so each rank's cluster-major copy holds about V / world rows: its share of the head,
-  never the whole head. The rows a rank owns but does not hold are exchanged once, at build time,
-  in bounded rounds of an all-gather.
-- **One small collective per step.** Each rank scores the probed clusters it owns and writes 0 in
-  the other slots; a SUM all-reduce of the ``[N, K]`` candidate scores (K = probed slots, a few
+- **Stage 2 reads vLLM's shard in place.** Each rank scores the candidate tokens its own shard
+  holds, gathered row by row from the shard: no cluster-major copy, and no row moves between
+  ranks. FlashHead's memory on a rank is the replicated centroids and slot ids (0.25x of a bf16
+  shard at TP=2 with clusters of 4, the densest layout convert writes).
+- **One small collective per step.** Each rank scores the candidate slots whose tokens it holds
+  and writes 0 in the other slots; a SUM all-reduce of the ``[N, K]`` candidate scores (K = probed slots, a few
   percent of V) gives every rank the same scores, where the dense path all-gathers ``[N, V]``
   logits. Padding slots are ``-inf`` on every rank and stay ``-inf``.
 - **Probes are checked, not assumed, equal.** Two hash columns ride in the same all-reduce: all
@@ -42,7 +42,6 @@ from flashhead.kernels.options import KernelOptions
 from flashhead.sampling_noise import inverse_temperature
 from flashhead.settings import settings
 
-EXCHANGE_ROWS = 2048  # rows each rank sends per exchange round (bounds the transient buffer)
 _HASH_MOD = 509  # world * 508^2 < 2^24 for world <= 64: the hash sums stay exact in float32
 _N_HASHES = 3
 
@@ -61,13 +60,6 @@ class Collectives:
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
     # Concatenates every rank's tensor along dim 0, in rank order.
     all_gather: Callable[[torch.Tensor], torch.Tensor]
-
-
-def cluster_owner(n_clusters: int, n_special_clusters: int, world_size: int) -> torch.Tensor:
-    """[c_ext] int64 rank that scores each block: cluster k -> k % world, specials -> 0."""
-    owner = torch.arange(n_clusters + n_special_clusters) % world_size
-    owner[n_clusters:] = 0
-    return owner
 
 
 def check_shard(shard: torch.Tensor, vocab_start: int, vocab_end: int, hidden: int) -> None:
@@ -94,6 +86,24 @@ def token_holders(
     return holder
 
 
+def shard_index(shard: torch.Tensor, vocab_start: int, vocab_end: int) -> ClusterIndex:
+    """Stage 2's view of a rank's shard: its tokens' rows in shard order, as clusters of one row
+    (a view of vLLM's own tensor, no copy). Its slot ids are placeholders (never -1, so the
+    kernel masks nothing): the global candidate ids decide padding."""
+    n_local = vocab_end - vocab_start
+    device = shard.device
+    return ClusterIndex(
+        wc=shard[:n_local],
+        slot_ids=torch.zeros(n_local, dtype=torch.int32, device=device),
+        slot_home=torch.full((n_local,), -1, dtype=torch.int32, device=device),
+        cent_q=torch.zeros(0, shard.shape[1], dtype=torch.int8, device=device),
+        cent_scale=torch.zeros(0, dtype=torch.float32, device=device),
+        n_clusters=n_local,
+        cluster_size=1,
+        n_special_clusters=0,
+    )
+
+
 class ShardedFlashHead:
     """One rank's FlashHead over its shard of a vocab-parallel head. Build it on every rank at
     the same time (`build` runs collectives)."""
@@ -102,7 +112,7 @@ class ShardedFlashHead:
         self,
         meta: ClusterIndex,
         local: ClusterIndex,
-        local_of: torch.Tensor,
+        vocab_start: int,
         assets: FlashHeadAssets,
         comm: Collectives,
         shard_bytes: int,
@@ -110,8 +120,8 @@ class ShardedFlashHead:
         options: KernelOptions | None = None,
     ):
         self.meta = meta  # global slot ids, specials and centroids (stage 1, candidate ids)
-        self.local = local  # this rank's owned blocks + one zero block (stage 2)
-        self.local_of = local_of  # [c_ext] global block -> local block (zero block if not owned)
+        self.local = local  # this rank's shard rows (`shard_index`): stage 2
+        self.vocab_start = vocab_start
         self.comm = comm
         self.vocab_size = assets.vocab_size
         self.n_clusters = meta.n_clusters
@@ -139,7 +149,6 @@ class ShardedFlashHead:
         *,
         backend: str | None = None,
         options: KernelOptions | None = None,
-        exchange_rows: int = EXCHANGE_ROWS,
     ) -> ShardedFlashHead:
         """`shard` holds tokens [vocab_start, vocab_end) in its first rows (padding after)."""
         shard = shard.detach()
@@ -150,77 +159,24 @@ class ShardedFlashHead:
             return ShardedInt4Head.build_int4(
                 shard, vocab_start, vocab_end, assets, comm, backend=backend, options=options
             )
-        d = assets.hidden_size
         device = shard.device
         layout = slot_layout(assets, device)
-        c, s, n_spc = layout.n_clusters, layout.cluster_size, layout.n_special_clusters
-        owner = cluster_owner(c, n_spc, comm.world_size).to(device)
-        owned = (owner == comm.rank).nonzero().flatten()
-        zero_block = len(owned)
-        local_of = torch.full((c + n_spc,), zero_block, dtype=torch.int64, device=device)
-        local_of[owned] = torch.arange(len(owned), device=device)
-
-        wc = torch.zeros((len(owned) + 1) * s, d, dtype=shard.dtype, device=device)
-        token = layout.slot_ids.to(torch.int64)  # [c_ext * s] per global slot
-        slot_owner = owner.repeat_interleave(s)
-        local_slot = local_of.repeat_interleave(s) * s + torch.arange(s, device=device).repeat(
-            c + n_spc
-        )
-
-        holder = token_holders(token, vocab_start, vocab_end, comm)
-
-        mine = (slot_owner == comm.rank) & (holder == comm.rank)
-        wc[local_slot[mine]] = shard[token[mine] - vocab_start]
-        cls._exchange(
-            wc, shard, token, holder, slot_owner, local_slot, vocab_start, comm, exchange_rows
-        )
-
+        # Every slot's token lies in some rank's shard (a collective: all ranks check together).
+        token_holders(layout.slot_ids.to(torch.int64), vocab_start, vocab_end, comm)
         cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
         meta = ClusterIndex(
-            wc=wc[:0],
+            wc=shard[:0],
             slot_ids=layout.slot_ids,
             slot_home=layout.slot_home,
             cent_q=cent_q.contiguous(),
             cent_scale=scale.contiguous(),
-            n_clusters=c,
-            cluster_size=s,
-            n_special_clusters=n_spc,
+            n_clusters=layout.n_clusters,
+            cluster_size=layout.cluster_size,
+            n_special_clusters=layout.n_special_clusters,
         )
-        # Stage 2 reads the local blocks only; its slot ids are placeholders (never -1, so the
-        # kernel masks nothing): the global ids decide padding.
-        local = ClusterIndex(
-            wc=wc,
-            slot_ids=torch.zeros(wc.shape[0], dtype=torch.int32, device=device),
-            slot_home=torch.full((wc.shape[0],), -1, dtype=torch.int32, device=device),
-            cent_q=cent_q[:0],
-            cent_scale=scale[:0],
-            n_clusters=len(owned) + 1,
-            cluster_size=s,
-            n_special_clusters=0,
-        )
+        local = shard_index(shard, vocab_start, vocab_end)
         shard_bytes = shard.numel() * shard.element_size()
-        return cls(meta, local, local_of, assets, comm, shard_bytes, backend, options)
-
-    @staticmethod
-    def _exchange(wc, shard, token, holder, slot_owner, local_slot, start, comm, rows) -> None:
-        """Copy in the rows this rank owns but another rank holds: every rank sends, in rounds
-        of `rows`, the rows it holds for others (the same lists on every rank, so every rank
-        knows which received row goes where)."""
-        sends = [
-            ((holder == q) & (slot_owner != q)).nonzero().flatten() for q in range(comm.world_size)
-        ]
-        rounds = -(-max(len(x) for x in sends) // rows) if sends else 0
-        d = wc.shape[1]
-        for r in range(rounds):
-            mine = sends[comm.rank][r * rows : (r + 1) * rows]
-            out = torch.zeros(rows, d, dtype=wc.dtype, device=wc.device)
-            out[: len(mine)] = shard[token[mine] - start]
-            got = comm.all_gather(out).view(comm.world_size, rows, d)
-            for q in range(comm.world_size):
-                batch = sends[q][r * rows : (r + 1) * rows]
-                keep = slot_owner[batch] == comm.rank
-                if q != comm.rank and bool(keep.any()):
-                    wc[local_slot[batch[keep]]] = got[q, : len(batch)][keep]
+        return cls(meta, local, vocab_start, assets, comm, shard_bytes, backend, options)
 
     # -- what the handler reads --------------------------------------------------------------
     @property
@@ -241,29 +197,32 @@ class ShardedFlashHead:
 
     @property
     def owned_rows(self) -> int:
-        return int(self.local.wc.shape[0]) - self.cluster_size  # less the zero block
+        """The rows this rank scores: its own shard's tokens."""
+        return int(self.local.wc.shape[0])
 
     @property
     def extra_bytes(self) -> int:
-        """This rank's FlashHead bytes: its owned rows, slot ids and the replicated centroids."""
+        """This rank's FlashHead bytes: the replicated centroids and slot ids, and stage 2's
+        placeholder ids. The candidate rows themselves are vLLM's shard: no copy."""
         tensors = (
-            self.local.wc,
             self.meta.slot_ids,
             self.meta.slot_home,
             self.meta.cent_q,
             self.meta.cent_scale,
-            self.local_of,
+            self.local.slot_ids,
+            self.local.slot_home,
         )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
         """True when the dispatcher would rather run the stock sharded head for this batch (the
-        per-rank rule: this rank's share of the candidates against its share of the head)."""
+        per-rank rule: what this rank scores, all centroids and every candidate slot, the ones
+        it does not hold at a masked row each, against its share of the head)."""
         return dispatch.prefer_dense(
             self.backend,
             device or self.local.wc.device,
             n_rows,
-            self.meta.n_clusters // self.world_size + self.candidate_rows // self.world_size,
+            self.meta.n_clusters + self.candidate_rows,
             self.vocab_size // self.world_size,
             self.options.dense_min_batch,
             self.meta.n_clusters,
@@ -286,7 +245,7 @@ class ShardedFlashHead:
         inv_t = inverse_temperature(temperature, n_rows, h.device)
         probes = self._select(h, inv_t, temperature, generators)
         ids = candidate_ids(self.meta, probes)
-        scores = self._owned_scores(h, probes)
+        scores = self._held_scores(h, ids)
         k = ids.shape[1]
         buf = torch.empty(n_rows, k + 2 * _N_HASHES, dtype=torch.float32, device=h.device)
         buf[:, :k] = scores.float().masked_fill(ids < 0, float("-inf"))
@@ -312,19 +271,22 @@ class ShardedFlashHead:
             self._ops, self.meta, h, self.n_probes, inv_t, temperature, generators, self._buffers
         )
 
-    def _owned_scores(self, h: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-        """[B, K] scores of the candidate slots this rank owns, 0 in the others (the zero block)."""
+    def _held_scores(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[B, K] scores of the candidate tokens `ids` this rank's shard holds, read in place;
+        0 in the other slots (and padding)."""
+        local = ids - self.vocab_start
+        held = (local >= 0) & (local < self.owned_rows)
         _, scores, _ = self._ops.candidate_scores(
             h,
             self.local,
-            self.local_of[probes],
+            local.masked_fill(~held, 0),
             None,
             None,
             want_tokens=False,
             want_scores=True,
             buffers=self._buffers,
         )
-        return scores
+        return scores.masked_fill(~held, 0.0)
 
     def _probe_hashes(self, probes: torch.Tensor) -> torch.Tensor:
         """[B, _N_HASHES] float32 in [0, _HASH_MOD): position-weighted sums of the probes."""
@@ -354,4 +316,4 @@ class ShardedFlashHead:
         }
 
 
-__all__ = ["Collectives", "ShardMismatch", "ShardedFlashHead", "cluster_owner"]
+__all__ = ["Collectives", "ShardMismatch", "ShardedFlashHead", "shard_index"]

@@ -26,16 +26,12 @@ import torch
 
 from flashhead.assets import FlashHeadAssets
 from flashhead.head import slot_layout
-from flashhead.kernels import dispatch
+from flashhead.kernels import dispatch, reference
 from flashhead.kernels.index import ClusterIndex
 from flashhead.kernels.int4_rows import Int4Rows, quantize_int4_rows
 from flashhead.kernels.options import KernelOptions
 from flashhead.sampling_noise import draw_gumbel
-from flashhead.sharded_head import Collectives, ShardedFlashHead, token_holders
-
-# Stage-1 caches the backend keeps in the head's buffers (torch's CPU int4 pack, a dequantized
-# copy): memory FlashHead adds, so `extra_bytes` counts them.
-_STAGE1_CACHE_KEYS = ("int4pack", "int4_dequant")
+from flashhead.sharded_head import Collectives, ShardedFlashHead, shard_index, token_holders
 
 
 class ShardedInt4Head(ShardedFlashHead):
@@ -46,7 +42,7 @@ class ShardedInt4Head(ShardedFlashHead):
         self,
         meta: ClusterIndex,
         local: ClusterIndex,
-        local_of: torch.Tensor,
+        vocab_start: int,
         assets: FlashHeadAssets,
         comm: Collectives,
         shard_bytes: int,
@@ -55,7 +51,7 @@ class ShardedInt4Head(ShardedFlashHead):
         backend: str | None = None,
         options: KernelOptions | None = None,
     ):
-        super().__init__(meta, local, local_of, assets, comm, shard_bytes, backend, options)
+        super().__init__(meta, local, vocab_start, assets, comm, shard_bytes, backend, options)
         self.rows4 = rows4  # this rank's tokens at int4, in shard order
         self.local_clusters = local_clusters  # [n_local] global cluster of each local row
 
@@ -80,12 +76,10 @@ class ShardedInt4Head(ShardedFlashHead):
             )
         c, n_spc = layout.n_clusters, layout.n_special_clusters
         token = layout.slot_ids.to(torch.int64)  # [c + n_spc]: one token per block
-        holder = token_holders(token, vocab_start, vocab_end, comm)
-        local_of = torch.where(holder == comm.rank, token - vocab_start, -1)
+        token_holders(token, vocab_start, vocab_end, comm)
         cluster_of_token = torch.empty(assets.vocab_size, dtype=torch.int64, device=device)
         cluster_of_token[token[:c]] = torch.arange(c, device=device)
-        n_local = vocab_end - vocab_start
-        rows = shard[:n_local]  # a view: stage 2 reads vLLM's own shard
+        local = shard_index(shard, vocab_start, vocab_end)  # stage 2 reads vLLM's own shard
         meta = ClusterIndex(
             wc=shard[:0],
             slot_ids=layout.slot_ids,
@@ -96,25 +90,14 @@ class ShardedInt4Head(ShardedFlashHead):
             cluster_size=1,
             n_special_clusters=n_spc,
         )
-        # Stage 2's slot ids are placeholders (never -1): the global ids decide padding.
-        local = ClusterIndex(
-            wc=rows,
-            slot_ids=torch.zeros(n_local, dtype=torch.int32, device=device),
-            slot_home=torch.full((n_local,), -1, dtype=torch.int32, device=device),
-            cent_q=meta.cent_q[:0],
-            cent_scale=meta.cent_scale,
-            n_clusters=n_local,
-            cluster_size=1,
-            n_special_clusters=0,
-        )
         head = cls(
             meta,
             local,
-            local_of,
+            vocab_start,
             assets,
             comm,
             shard.numel() * shard.element_size(),
-            quantize_int4_rows(rows),
+            quantize_int4_rows(local.wc),
             cluster_of_token[vocab_start:vocab_end].contiguous(),
             backend,
             options,
@@ -122,17 +105,13 @@ class ShardedInt4Head(ShardedFlashHead):
         # Build the backend's stage-1 form now (torch's CPU int4 pack: about a second for a
         # large head), so the first request does not wait and `extra_bytes` shows it.
         head._ops.probe_keys_int4(
-            torch.zeros(1, rows.shape[1], dtype=rows.dtype, device=device),
+            torch.zeros(1, shard.shape[1], dtype=shard.dtype, device=device),
             head.rows4,
             buffers=head._buffers,
         )
         return head
 
     # -- what the handler reads --------------------------------------------------------------
-    @property
-    def owned_rows(self) -> int:
-        return int(self.local.wc.shape[0])
-
     @property
     def sent_bytes_per_row(self) -> int:
         """The all-reduce of the candidate scores, plus the all-gather of the local top-p."""
@@ -147,16 +126,13 @@ class ShardedInt4Head(ShardedFlashHead):
             self.rows4.scale,
             self.rows4.zero,
             self.local_clusters,
-            self.local_of,
             self.meta.slot_ids,
             self.meta.slot_home,
             self.local.slot_ids,
             self.local.slot_home,
         ]
-        for key, value in self._buffers.items():
-            if isinstance(key, tuple) and key and key[0] in _STAGE1_CACHE_KEYS:
-                tensors += list(value) if isinstance(value, tuple) else [value]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        own = sum(t.numel() * t.element_size() for t in tensors)
+        return own + reference.stage1_cache_bytes(self._buffers)
 
     def uses_dense(self, n_rows: int, device: torch.device | None = None) -> bool:
         """The single-rank rule on this rank's share of the head: every rank scores all the
@@ -200,20 +176,6 @@ class ShardedInt4Head(ShardedFlashHead):
         values = got[:, :, :p].permute(1, 0, 2).reshape(n_rows, -1)
         ids = got[:, :, p:].permute(1, 0, 2).reshape(n_rows, -1).to(torch.int64)
         return select_gathered(values, ids, p, c, self.meta.n_special_clusters)
-
-    def _owned_scores(self, h: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-        local = self.local_of[probes]
-        _, scores, _ = self._ops.candidate_scores(
-            h,
-            self.local,
-            local.clamp_min(0),
-            None,
-            None,
-            want_tokens=False,
-            want_scores=True,
-            buffers=self._buffers,
-        )
-        return scores.masked_fill(local < 0, 0.0)
 
 
 def local_top(

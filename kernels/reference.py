@@ -76,6 +76,21 @@ def _int8_mm_ok(h: torch.Tensor) -> bool:
     return h.shape[0] <= _INT8_MM_MAX_BATCH and hasattr(torch, "_weight_int8pack_mm")
 
 
+# The stage-1 forms `_cached` keeps in a head's buffers: memory the head adds for its life.
+_STAGE1_CACHES = ("int4pack", "int4_dequant")
+
+
+def stage1_cache_bytes(buffers: dict) -> int:
+    """Bytes of the stage-1 forms this backend has cached in a head's `buffers` (torch's CPU int4
+    pack, a dequantized copy of the int4 rows)."""
+    total = 0
+    for key, value in buffers.items():
+        if isinstance(key, tuple) and key and key[0] in _STAGE1_CACHES:
+            for t in value if isinstance(value, tuple) else (value,):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def _cached(buffers: dict | None, key: tuple, make: Callable[[], Any]) -> Any:
     # Cached in the caller's buffers (one dict per head), never in a module-level table keyed by
     # address: a new head whose centroids reuse a freed head's memory would get stale scores.

@@ -77,10 +77,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
         return t
 
     comm = Collectives(rank, world, all_reduce_sum, all_gather)
-    head = ShardedFlashHead.build(
-        shard, start, end, assets, comm, backend="reference",
-        exchange_rows=case.get("exchange_rows", 2048),
-    )  # fmt: skip
+    head = ShardedFlashHead.build(shard, start, end, assets, comm, backend="reference")
     single = FlashHead.build(weight, assets, backend="reference")
 
     gen = torch.Generator().manual_seed(123)
@@ -108,6 +105,6 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     t, g = seeded()
     result["single"] = single.logits(h, temperature=t, generators=g)
     result["centroid_bytes"] = head.meta.cent_q.numel() + 4 * head.meta.cent_scale.numel()
-    # The candidate rows a rank scores are vLLM's shard itself (int4) or its own copy.
+    # The candidate rows a rank scores are vLLM's shard itself, never a copy.
     result["reads_the_shard"] = head.local.wc.data_ptr() == shard.data_ptr()
     return result
