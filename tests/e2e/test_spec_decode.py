@@ -26,7 +26,7 @@ from helpers.server import VllmServer, run_concurrently, start_all
 from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
 from e2e._models import eagle_drafter
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.main_release]
 
 NGRAM = json.dumps(
     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
