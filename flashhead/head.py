@@ -21,6 +21,7 @@ import torch
 from flashhead.assets import FlashHeadAssets
 from flashhead.kernels import dispatch, reference
 from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.int4_rows import Int4Rows
 from flashhead.kernels.logit_transform import LogitTransform
 from flashhead.kernels.options import KernelOptions
 from flashhead.sampling_noise import draw_gumbel, inverse_temperature
@@ -119,6 +120,13 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
         n_special_clusters=layout.n_special_clusters,
         rows4=rows4,
     )
+
+
+def prepare_int4_stage1(ops: Any, rows4: Int4Rows, like: torch.Tensor, buffers: dict) -> None:
+    """Build the backend's stage-1 form of the int4 rows now (torch's CPU int4 pack: about a
+    second for a large head), so the first request does not wait for it and `extra_bytes` shows
+    it. `like`: a tensor of the hidden states' dtype and device."""
+    ops.probe_keys_int4(like.new_zeros(1, rows4.hidden_size), rows4, buffers=buffers)
 
 
 def check_hidden_states(h: torch.Tensor, hidden_size: int) -> torch.Tensor:
@@ -228,12 +236,7 @@ class FlashHead:
         index = build_index(weight, assets)
         head = cls(weight[: assets.vocab_size], index, assets, backend, options)
         if index.rows4 is not None:
-            # The backend's stage-1 form of the int4 rows (torch's CPU int4 pack: about a second
-            # for a large head) is built now, so the first request does not wait for it and
-            # `extra_bytes` shows it.
-            head._ops.probe_keys_int4(
-                weight.new_zeros(1, index.hidden_size), index.rows4, buffers=head._buffers
-            )
+            prepare_int4_stage1(head._ops, index.rows4, weight, head._buffers)
         return head
 
     @property

@@ -8,9 +8,9 @@ the head's rows, as vLLM's ``ParallelLMHead`` does.
   ranks. FlashHead's memory on a rank is the replicated centroids and slot ids (0.25x of a bf16
   shard at TP=2 with clusters of 4, the densest layout convert writes).
 - **One small collective per step.** Each rank scores the candidate slots whose tokens it holds
-  and writes 0 in the other slots; a SUM all-reduce of the ``[N, K]`` candidate scores (K = probed slots, a few
-  percent of V) gives every rank the same scores, where the dense path all-gathers ``[N, V]``
-  logits. Padding slots are ``-inf`` on every rank and stay ``-inf``.
+  and writes 0 in the other slots; a SUM all-reduce of the ``[N, K]`` candidate scores (K =
+  probed slots, a few percent of V) gives every rank the same scores, where the dense path
+  all-gathers ``[N, V]`` logits. Padding slots are ``-inf`` on every rank and stay ``-inf``.
 - **Probes are checked, not assumed, equal.** Two hash columns ride in the same all-reduce: all
   ranks probed the same clusters for a row exactly when ``sum(h)^2 == world * sum(h^2)``
   (Cauchy-Schwarz), a test every rank evaluates on the same reduced numbers, so they all reach

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from flashhead.assets import FlashHeadAssets
-from flashhead.head import slot_layout
+from flashhead.head import prepare_int4_stage1, slot_layout
 from flashhead.kernels import dispatch, reference
 from flashhead.kernels.index import ClusterIndex
 from flashhead.kernels.int4_rows import Int4Rows, quantize_int4_rows
@@ -102,13 +102,7 @@ class ShardedInt4Head(ShardedFlashHead):
             backend,
             options,
         )
-        # Build the backend's stage-1 form now (torch's CPU int4 pack: about a second for a
-        # large head), so the first request does not wait and `extra_bytes` shows it.
-        head._ops.probe_keys_int4(
-            torch.zeros(1, shard.shape[1], dtype=shard.dtype, device=device),
-            head.rows4,
-            buffers=head._buffers,
-        )
+        prepare_int4_stage1(head._ops, head.rows4, shard, head._buffers)
         return head
 
     # -- what the handler reads --------------------------------------------------------------

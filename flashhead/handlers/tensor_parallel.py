@@ -127,7 +127,8 @@ def describe_shard(head: Any) -> str:
     info = head.describe()
     return (
         f"tensor parallel rank {info['rank']} of {info['tensor_parallel']}: scores the "
-        f"{info['owned_rows']} rows of its shard in place, FlashHead adds {info['extra_bytes'] / 2**20:.1f} MiB "
+        f"{info['owned_rows']} rows of its shard in place, FlashHead adds "
+        f"{info['extra_bytes'] / 2**20:.1f} MiB "
         f"({info['extra_bytes'] / max(info['shard_bytes'], 1):.2f}x this rank's head shard); "
         f"per logits row it sends {info['sent_bytes_per_row'] / 1024:.1f} KiB to the step's "
         f"collectives, where vLLM's gather of the logits sends "

@@ -1,7 +1,7 @@
 """The sharded (vocab-parallel) FlashHead on a real torch.distributed (gloo) group of processes:
 every rank returns the single-rank FlashHead's logits, scores its own shard's rows in place (no
-copy of any row), and a rank that probes other clusters stops all ranks together. One process group per world size runs
-all its cases (starting processes is the slow part)."""
+copy of any row), and a rank that probes other clusters stops all ranks together. One process
+group per world size runs all its cases (starting processes is the slow part)."""
 
 from __future__ import annotations
 
