@@ -207,6 +207,8 @@ class FlashHead:
         self.backend = dispatch.resolve_backend(backend, weight.device, self.options)
         self._ops = dispatch.backend_ops(self.backend, self.options)
         self._buffers: dict = {}
+        # Set by a server that timed its own dense head against this one (flashhead/crossover.py).
+        self.measured_min_batch: int | None = None
         self.graphs = self._make_graphs(weight.device)
 
     def _make_graphs(self, device: torch.device) -> Any:
@@ -275,6 +277,7 @@ class FlashHead:
             self.vocab_size,
             self.options.dense_min_batch,
             self.n_clusters,
+            self.measured_min_batch,
         )
 
     # -- the two stages -------------------------------------------------------------------

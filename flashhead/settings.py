@@ -172,9 +172,10 @@ VARIABLES: tuple[Variable, ...] = (
         "triton or torch", _choice(BACKENDS),
     ),
     Variable(
-        DENSE_MIN_BATCH_ENV, "dense_min_batch", "(rule)",
-        "hand batches of this many rows or more to the dense head; 0 = never; unset = the "
-        "rows-scored rule (kernels/dispatch.py)", _count,
+        DENSE_MIN_BATCH_ENV, "dense_min_batch", "(measured)",
+        "hand batches of this many rows or more to the dense head; 0 = never; unset = a CPU "
+        "server times its own dense head against FlashHead at the first step "
+        "(flashhead/crossover.py), else the rows-scored rule (kernels/dispatch.py)", _count,
     ),
     Variable(
         CPU_COMPILE_ENV, "cpu_compile", "1",

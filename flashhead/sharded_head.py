@@ -134,6 +134,9 @@ class ShardedFlashHead:
         device = local.wc.device
         self.backend = dispatch.resolve_backend(backend, device, self.options)
         self._ops = dispatch.backend_ops(self.backend, self.options)
+        # Set by a server that timed vLLM's sharded dense head against this one, with every rank
+        # agreeing on the timings (flashhead/crossover.py).
+        self.measured_min_batch: int | None = None
         self._buffers: dict = {}
         self._hash_weights = None
 
@@ -226,6 +229,7 @@ class ShardedFlashHead:
             self.vocab_size // self.world_size,
             self.options.dense_min_batch,
             self.meta.n_clusters,
+            self.measured_min_batch,
         )
 
     # -- one step ----------------------------------------------------------------------------

@@ -139,6 +139,7 @@ class ShardedInt4Head(ShardedFlashHead):
             self.vocab_size // self.world_size,
             self.options.dense_min_batch,
             self.meta.n_clusters,
+            self.measured_min_batch,
         )
 
     # -- one step ----------------------------------------------------------------------------

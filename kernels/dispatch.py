@@ -1,6 +1,9 @@
 """Backend choice for the FlashHead core: `KernelOptions.backend` = triton|torch|auto (default
 auto; `FLASHHEAD_BACKEND` in `flashhead.settings`).
 
+A CPU server measures where its own dense head wins instead (flashhead/crossover.py); the rule
+below decides beyond the batch sizes it tried, and wherever nothing was measured.
+
 auto = Triton for CUDA tensors when Triton imports, torch otherwise. The torch backend on CPU
 hands large batches to the dense head (`F.linear`): per-row FlashHead scores K = (p + special
 clusters) * s rows per row, so once B * K >= 2 * V (B >= 63 at the Llama-3.2 shape) the dense
@@ -103,10 +106,20 @@ def prefer_dense(
     vocab: int | None = None,
     dense_min_batch: int | None = None,
     n_clusters: int | None = None,
+    measured_min_batch: int | None = None,
 ) -> bool:
     """True where the dense head beats FlashHead (`dense_reason` says why)."""
     return bool(
-        dense_reason(backend, device, n_rows, candidate_rows, vocab, dense_min_batch, n_clusters)
+        dense_reason(
+            backend,
+            device,
+            n_rows,
+            candidate_rows,
+            vocab,
+            dense_min_batch,
+            n_clusters,
+            measured_min_batch,
+        )
     )
 
 
@@ -118,13 +131,16 @@ def dense_reason(
     vocab: int | None = None,
     dense_min_batch: int | None = None,
     n_clusters: int | None = None,
+    measured_min_batch: int | None = None,
 ) -> str:
     """Why the dense head serves this batch, or "" where FlashHead does. Torch backend on CPU:
     when the rows FlashHead scores for the batch (`n_rows * candidate_rows`) reach
     DENSE_ROW_FACTOR heads (`vocab` rows each). Triton: when those rows reach one head (both
     are bandwidth-bound, and FlashHead reads at least as many bytes), or at any batch for a
     head of more than GPU_MAX_FAST_CLUSTERS clusters. `dense_min_batch` replaces the rule:
-    dense from that many rows on (0 = never)."""
+    dense from that many rows on (0 = never). `measured_min_batch` (a server timed its own dense
+    head against FlashHead: flashhead/crossover.py) comes before the rule, not before
+    `dense_min_batch`."""
     on_cpu_torch = backend == "torch" and torch.device(device).type == "cpu"
     if backend != "triton" and not on_cpu_torch:
         return ""
@@ -132,6 +148,11 @@ def dense_reason(
         if dense_min_batch > 0 and n_rows >= dense_min_batch:
             return f"{n_rows} rows >= {ENV_DENSE_MIN_BATCH}={dense_min_batch}"
         return ""
+    if measured_min_batch is not None and n_rows >= measured_min_batch:
+        return (
+            f"{n_rows} rows >= {measured_min_batch}: the server's dense head was measured as "
+            f"fast or faster from {measured_min_batch} rows"
+        )
     if backend == "triton" and n_clusters is not None and n_clusters > GPU_MAX_FAST_CLUSTERS:
         return (
             f"{n_clusters} clusters > {GPU_MAX_FAST_CLUSTERS}: on a GPU the per-row top-p "
@@ -223,10 +244,17 @@ def describe_backend(
         limit = options.dense_min_batch
         report["dense_min_batch"] = limit
         if limit is None:
-            report["dense_fallback"] = (
+            rule = (
                 f"batches where B x K >= {DENSE_ROW_FACTOR if backend == 'torch' else 1} x V use "
                 f"the dense head (K = candidate rows per row; {ENV_DENSE_MIN_BATCH} overrides)"
             )
+            if backend == "torch" and dev.type == "cpu":
+                rule = (
+                    "a server times its own dense head against FlashHead at the first step and "
+                    "hands the batches where dense is as fast to it (logged with the timings); "
+                    "beyond the sizes it tried, " + rule
+                )
+            report["dense_fallback"] = rule
         else:
             report["dense_fallback"] = (
                 f"batches of {limit}+ rows use the dense head ({ENV_DENSE_MIN_BATCH})"

@@ -85,6 +85,8 @@ def model(tmp_path, monkeypatch):
         lambda: (str(tmp_path), json.loads((tmp_path / "config.json").read_text())),
     )
     monkeypatch.setenv("FLASHHEAD_ENABLED", "1")
+    # Unset, the first call would time the dense head (tests/test_crossover.py covers that).
+    monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "0")
     monkeypatch.setattr(logits_mod, "flashhead_enabled", lambda: True)
     return tmp_path, FakeHead(weight)
 
@@ -484,3 +486,32 @@ def test_a_second_model_build_without_speculation_gets_its_own_head(model, monke
         first(head, h)
         assert torch.isinf(second(other, h)).any()  # served by FlashHead on its own weight
     assert second._flashhead.head is not first._flashhead.head
+
+
+def test_unpinned_processor_times_the_dense_head_once_and_follows_it(model, monkeypatch):
+    from flashhead import crossover
+
+    _, head = model
+    monkeypatch.setenv("FLASHHEAD_DENSE_MIN_BATCH", "")
+    timed = []
+
+    def timer(fn, h):  # FlashHead 1 ms a row, the stock forward 2.5 ms: dense from 3 rows
+        fn(h)
+        timed.append(int(h.shape[0]))
+        return (h.shape[0] if fn.__name__ == "flash" else 2.5) / 1e3
+
+    monkeypatch.setattr(crossover, "time_call", timer)
+    proc = make_logits_processor(FakeLogitsProcessor, None)(V)
+    h = torch.randn(4, D, generator=torch.Generator().manual_seed(5))
+    dense = FakeLogitsProcessor.forward(proc, head, h)
+    with plan_scope(greedy_plan(4)):
+        out = proc(head, h)
+    assert proc._flashhead.crossover.dense_from == 3
+    torch.testing.assert_close(out, dense)  # 4 rows: the stock forward's own logits
+    with plan_scope(greedy_plan(2)):
+        two = proc(head, h[:2])
+    assert torch.isneginf(two).any()  # 2 rows: FlashHead
+    trials = list(timed)
+    with plan_scope(greedy_plan(4)):
+        proc(head, h)
+    assert timed == trials  # timed once per head

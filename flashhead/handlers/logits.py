@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from flashhead import metrics
+from flashhead.crossover import Crossover, time_head_against_dense
 from flashhead.handlers.model_context import (
     build_context,
+    max_logits_rows,
     model_identity,
     resolve_model_dir,
     served_model_name,
@@ -44,6 +46,7 @@ from flashhead.handlers.tensor_parallel import (
     tp_size,
     undeclared_parallel_reason,
 )
+from flashhead.settings import DENSE_MIN_BATCH_ENV
 from flashhead.sharded_head import ShardMismatch
 
 _log = logging.getLogger(__name__)
@@ -131,6 +134,9 @@ class _FlashHeadState:
         self.head: Any = None
         self.weight_key: tuple[int, tuple[int, ...]] | None = None
         self.dense_reason = DenseReason("")
+        self.crossover: Crossover | None = None
+        self._timed_head: Any = None  # the head `crossover` was measured for
+        self.max_rows: int | None = None  # the most rows a logits call can have (vLLM's config)
 
     def count(self, path: str, reason: str, n: int) -> None:
         if not counts_rows():
@@ -184,6 +190,39 @@ class _FlashHeadState:
             log_once("count-error", logging.ERROR, "FlashHead: counting failed: %r", exc)
         self.weight_key = key
         return self.head
+
+    def time_against_dense(
+        self,
+        head: Any,
+        stock: Callable[[torch.Tensor], torch.Tensor | None],
+        transform: Any,
+        like: torch.Tensor,
+    ) -> None:
+        """Once per head (a drafter sharing the target's head reuses its figure): time it
+        against the server's own dense head and hand the batches where dense is as fast to it."""
+        if self._timed_head is head or self.primary is not None:
+            return
+        self._timed_head = head
+        try:
+            self.crossover = time_head_against_dense(head, stock, transform, like, self.max_rows)
+        except Exception as exc:  # the static rule stays: never worse than before
+            log_once(
+                "crossover-error",
+                logging.WARNING,
+                "FlashHead: timing %s against the dense head failed, the static rule decides: %r",
+                self.model,
+                exc,
+            )
+        if self.crossover is not None:
+            log_once(
+                f"crossover:{id(self)}",
+                logging.INFO,
+                "FlashHead: %s, timed against the server's dense head at start-up: %s (%s=N "
+                "fixes the choice)",
+                self.model,
+                self.crossover.describe(),
+                DENSE_MIN_BATCH_ENV,
+            )
 
     def _primary_head(self, key: tuple[int, tuple[int, ...]]) -> Any:
         """A processor built under the same model's config after the first one (an EAGLE / MTP
@@ -299,6 +338,9 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     if counted:
                         state.count("dense", state.dense_reason.label, n_rows)
                     return stock(hidden_states)
+                state.time_against_dense(
+                    head, stock, logit_transform(self.scale, self.soft_cap), hidden_states
+                )
                 # Same dtype as the stock head's output (bf16 for a bf16 model): candidate scores
                 # are rounded as the dense GEMM rounds them, so vLLM's argmax breaks bf16 ties the
                 # same way (smallest id) on both paths.
@@ -455,6 +497,7 @@ def _flashhead_state_for_current_model() -> _FlashHeadState | None:
     shadow = ShadowCheck(opts.shadow, opts.shadow_min_agreement, seed=seed)
     state = _FlashHeadState(model, model_dir, assets, served_model_name(), shadow)
     state.build_context, speculative = build_context()
+    state.max_rows = max_logits_rows()
     if speculative:  # a drafter is built under the target's config, after the target
         state.primary = next(
             (

@@ -36,6 +36,22 @@ def build_context() -> tuple[int | None, bool]:
     return id(config), getattr(config, "speculative_config", None) is not None
 
 
+def max_logits_rows() -> int | None:
+    """The most rows one logits call of the model being built can have: a row per scheduled
+    request (``max_num_seqs``), times one plus its draft tokens under speculative decoding.
+    None when vLLM has no current config."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        config = get_current_vllm_config()
+        seqs = int(config.scheduler_config.max_num_seqs)
+    except Exception:
+        return None
+    spec = getattr(config, "speculative_config", None)
+    drafts = int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 0
+    return seqs * (1 + drafts)
+
+
 def model_identity() -> tuple[str, Mapping[str, Any]] | None:
     """(model path, FlashHead-relevant config dict) of the model vLLM is building, if any.
 

@@ -16,6 +16,13 @@ from helpers.server import vllm_env
 from e2e._log_lines import NEVER_DENSE, SERVING_LINE, assert_flashhead_path_only
 from e2e._offline import SCRIPT, assert_same_logprobs, run_offline
 
+# The figure a server timed at its first step (flashhead/crossover.py), and its trials.
+TIMED = re.compile(
+    r"timed against the server's dense head at start-up: (?:batches of (\d+) rows or more go "
+    r"to the dense head|FlashHead was faster at every batch tried)[^\n]*"
+)
+TRIAL = re.compile(r"(\d+) rows [\d.]+ vs [\d.]+ ms")
+PATH = re.compile(r"served \(path: ([\w-]+)\)")
 # The plugin's start-up line ("[flashhead] flashhead X.Y: vLLM ..., process ..."): it loaded.
 PLUGIN_STARTED = re.compile(r"\[flashhead\] flashhead \d")
 
@@ -40,6 +47,10 @@ def runs(tiny_models, tmp_path_factory):
             {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         )
     results["llama-default"] = run_offline(tiny_models["llama-fh"], out / "llama-default.json")
+    # FLASHHEAD_DENSE_MIN_BATCH unset (the tests pin it): the worker times the dense head.
+    results["llama-measured"] = run_offline(
+        tiny_models["llama-fh"], out / "llama-measured.json", {"FLASHHEAD_DENSE_MIN_BATCH": ""}
+    )
     # The shadow guard at 1/16 of the clusters: 4 x 40 warm-up greedy rows, of which the guard
     # judges the first 128 and falls back; everything after is dense.
     results["llama-guard"] = run_offline(
@@ -105,3 +116,23 @@ def test_refuses_to_load_without_plugin(tiny_models, tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode != 0
     assert "FlashHeadLlamaForCausalLM" in log and "not supported" in log.lower(), log[-3000:]
+
+
+def test_an_unpinned_run_times_the_dense_head_and_routes_by_the_figure(runs):
+    run, dense = runs["llama-measured"], runs["llama-dense"]
+    log = run["log"]
+    timed = TIMED.search(log)
+    assert timed, log[-3000:]
+    # _offline_run.py serves at most 4 sequences: no trial of more rows than a step can have.
+    assert 1 <= max(int(n) for n in TRIAL.findall(timed.group(0))) <= 4, timed.group(0)
+    paths = set(PATH.findall(log))
+    dense_from = int(timed.group(1)) if timed.group(1) else None
+    # Its greedy batches hold the 4 prompts: at or past the figure they are dense.
+    if dense_from is None:
+        assert paths == {"flashhead"}, (timed.group(0), paths)
+    elif dense_from == 1:
+        assert paths == {"dense-by-dispatcher"}, (timed.group(0), paths)
+        assert run["greedy"] == dense["greedy"]  # every row from vLLM's own head
+    else:
+        assert "dense-by-dispatcher" in paths, (timed.group(0), paths)
+    assert all(ids for ids in run["greedy"])

@@ -52,6 +52,10 @@ BASE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "PYTHONUNBUFFERED": "1",
     "VLLM_NO_USAGE_STATS": "1",
+    # Unset, a server times its dense head against FlashHead at the first step and hands the
+    # batches where dense was as fast to it (flashhead/crossover.py): the routing would follow
+    # the machine's load. Tests fix it (never dense); test_offline's "measured" run unsets it.
+    "FLASHHEAD_DENSE_MIN_BATCH": "0",
 }
 # Lean servers: the e2e suite must stay inside the CI budget. Eager mode: on this class of
 # machine torch.compile adds 20-30 s per start and the tests measure behaviour, not speed.

@@ -107,4 +107,38 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     result["centroid_bytes"] = head.meta.cent_q.numel() + 4 * head.meta.cent_scale.numel()
     # The candidate rows a rank scores are vLLM's shard itself, never a copy.
     result["reads_the_shard"] = head.local.wc.data_ptr() == shard.data_ptr()
+    if case.get("crossover"):
+        result["crossover"] = timed_crossover(rank, shard, start, end, assets, comm)
     return result
+
+
+def timed_crossover(rank, shard, start, end, assets, comm) -> tuple[int | None, list[int]]:
+    """Time a torch-backend sharded head against a stand-in for vLLM's sharded dense head (the
+    local GEMM, then an all-gather), with costs that differ by rank: alone, rank 0 would keep
+    FlashHead at every size (FlashHead n ms, dense 1.5 n + 1) and rank 1 would go dense from one
+    row (2 n against n); summed, dense is as fast from 2 rows on. Every trial is a collective on
+    both sides, so ranks that disagreed on the next trial would hang."""
+    from flashhead import crossover
+    from flashhead.kernels.options import KernelOptions
+    from flashhead.sharded_head import ShardedFlashHead
+
+    options = KernelOptions(backend="torch", dense_min_batch=None, cpu_compile=False)
+    head = ShardedFlashHead.build(shard, start, end, assets, comm, options=options)
+
+    def dense(h: torch.Tensor) -> torch.Tensor:
+        return comm.all_gather((h @ shard.T).T.contiguous()).T
+
+    def timer(fn, h: torch.Tensor) -> float:
+        fn(h)
+        n = int(h.shape[0])
+        if fn.__name__ == "flash":
+            return n * (1 + rank) / 1e3
+        return (1.5 * n + 1 if rank == 0 else n) / 1e3
+
+    saved, crossover.time_call = crossover.time_call, timer
+    try:
+        found = crossover.time_head_against_dense(head, dense, None, torch.zeros(1, shard.shape[1]))
+    finally:
+        crossover.time_call = saved
+    assert head.measured_min_batch == found.dense_from
+    return found.dense_from, [t.rows for t in found.trials]

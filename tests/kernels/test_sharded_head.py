@@ -24,6 +24,7 @@ CASES = {
         # Clusters of 4, the densest layout convert writes: the most centroid bytes per shard.
         "memory": {"vocab": 4000, "clusters": 1000, "hidden": 64, "probes": 8},
         "perturbed": {"perturb_rank": 1},
+        "crossover": {"crossover": True},
         # Stage 1 on int4 head rows: split along the vocabulary, nothing replicated.
         "int4": {"int4": True, "specials": [0, 7, 499], "probes": 40},
         "int4_sampled": {"int4": True, "probes": 40, "temperature": [0.0, 0.7, 1.0, 1.5, 0.0]},
@@ -128,6 +129,12 @@ def test_int4_ranks_add_no_copy_of_their_rows(results):
         # rank's 2000 float32 logits in vLLM's gather.
         sent, dense_sent = rank["sent"]
         assert dense_sent == 2000 * 4 and sent == 4 * (2 * 64 + 64 + 6), rank["sent"]
+
+
+def test_ranks_time_the_dense_head_in_step_and_agree(results):
+    # Rank-dependent costs (tests/helpers/tp_worker.timed_crossover): each rank alone would
+    # decide differently; on the summed figures both hand batches of 2 rows on to dense.
+    assert [r["crossover"] for r in results[2]["crossover"]] == [(2, [1, 2])] * 2
 
 
 def test_ranks_that_probe_differently_stop_together(results):
