@@ -164,10 +164,13 @@ def test_seeded_sampling_repeats_and_mixed_load_is_valid(tp_servers):
 
 def test_data_parallel_engines_each_serve_flashhead_alike(tp_servers):
     server = tp_servers["dp"]
-    # Concurrent requests reach both engines; the same prompt gives the same tokens on either.
-    prompts = PROMPTS * 2
-    got = run_concurrently([lambda p=p: server.greedy_ids([p], 12)[0] for p in prompts])
-    assert got[: len(PROMPTS)] == got[len(PROMPTS) :]
+    # Each prompt twice at once: the pair reaches both engines (or one, as a batch of two
+    # identical rows), and gives the same tokens on either. Pairs, not all prompts at once: on
+    # this random-weight model the margins are tiny, and a batch of other prompts rounds the
+    # stage-1 GEMM differently (once seen: a token apart at position 5 of 12).
+    for p in PROMPTS:
+        first, second = run_concurrently([lambda p=p: server.greedy_ids([p], 12)[0]] * 2)
+        assert first == second, p
     log = server.log()
     serving = set(re.findall(r"pid=(\d+)\) INFO [^\n]*FlashHead: serving decode steps", log))
     assert len(serving) == 2, log[-3000:]  # one worker per engine, each with its own head
