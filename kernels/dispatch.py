@@ -150,8 +150,8 @@ def dense_reason(
         return ""
     if measured_min_batch is not None and n_rows >= measured_min_batch:
         return (
-            f"{n_rows} rows >= {measured_min_batch}: the server's dense head was measured as "
-            f"fast or faster from {measured_min_batch} rows"
+            f"{n_rows} rows >= {measured_min_batch}: the server's dense head was timed within "
+            f"10 % of FlashHead, or faster, from {measured_min_batch} rows"
         )
     if backend == "triton" and n_clusters is not None and n_clusters > GPU_MAX_FAST_CLUSTERS:
         return (

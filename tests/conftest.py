@@ -27,6 +27,15 @@ if str(FIXTURES_DIR) not in sys.path:
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
+# Unset, a CPU server times its dense head against FlashHead at the first step and hands it the
+# batches where dense was about as fast (flashhead/crossover.py): its routing would follow this
+# machine's load. The servers and runs the suite starts get a fixed choice (never dense) unless
+# the caller's environment or the test says otherwise (test_offline's "measured" run unsets it).
+# The demo and the benchmarks (scripts/) use the same helper without it.
+from helpers import server as _server  # noqa: E402
+
+_server.SUITE_ENV.setdefault("FLASHHEAD_DENSE_MIN_BATCH", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `vllm` need vLLM in the interpreter that serves (FLASHHEAD_TEST_PYTHON, or

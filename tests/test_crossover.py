@@ -130,7 +130,7 @@ def test_a_head_hands_batches_from_the_measured_size_to_dense(tiny_head, monkeyp
     found = time_head_against_dense(head, stock, None, like, max_rows=8)
     assert found.dense_from == 3 and head.measured_min_batch == 3
     assert not head.uses_dense(2) and head.uses_dense(3)
-    assert "measured" in head.dense_reason(5)
+    assert "timed within 10 %" in head.dense_reason(5)
     # The step routes a dispatcher-dense batch to the server's own head, not the core's F.linear.
     calls.clear()
     h = torch.randn(4, 16)
@@ -179,5 +179,5 @@ def test_a_fixed_batch_size_comes_before_the_measured_one():
     reason = dispatch.dense_reason("torch", "cpu", 4, 10, 10_000, 0, None, 2)
     assert reason == ""  # FLASHHEAD_DENSE_MIN_BATCH=0: never dense
     assert "=6" in dispatch.dense_reason("torch", "cpu", 6, 10, 10_000, 6, None, 2)
-    assert "measured" in dispatch.dense_reason("torch", "cpu", 2, 10, 10_000, None, None, 2)
+    assert "timed within" in dispatch.dense_reason("torch", "cpu", 2, 10, 10_000, None, None, 2)
     assert dispatch.dense_reason("torch", "cpu", 1, 10, 10_000, None, None, 2) == ""

@@ -52,10 +52,6 @@ BASE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "PYTHONUNBUFFERED": "1",
     "VLLM_NO_USAGE_STATS": "1",
-    # Unset, a server times its dense head against FlashHead at the first step and hands the
-    # batches where dense was as fast to it (flashhead/crossover.py): the routing would follow
-    # the machine's load. Tests fix it (never dense); test_offline's "measured" run unsets it.
-    "FLASHHEAD_DENSE_MIN_BATCH": "0",
 }
 # Lean servers: the e2e suite must stay inside the CI budget. Eager mode: on this class of
 # machine torch.compile adds 20-30 s per start and the tests measure behaviour, not speed.
@@ -86,9 +82,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Defaults for the servers of the test suite only (tests/conftest.py fills it), below this
+# process's own environment; the demo and the benchmarks leave it empty.
+SUITE_ENV: dict[str, str] = {}
+
+
 def vllm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's env with ``BASE_ENV``, without the switches each test states itself."""
-    env = dict(os.environ)
+    """This process's env with ``SUITE_ENV`` under it and ``BASE_ENV`` over it, without the
+    switches each test states itself."""
+    env = {**SUITE_ENV, **os.environ}
     env.update(BASE_ENV)
     for key in ("VLLM_PLUGINS", "FLASHHEAD_ENABLED", "VLLM_USE_V2_MODEL_RUNNER"):
         env.pop(key, None)  # each test states what it wants
