@@ -4,8 +4,9 @@ The dispatcher's static rule (kernels/dispatch.py) counts rows scored. It was tu
 ``F.linear``, but on a CPU vLLM's dense head is a prepacked oneDNN GEMM that is 2-3x faster at
 8 rows (Gemma-3-270M: 43.6 ms against 136.5 ms), so the rule kept batches on FlashHead where
 they ran slower than the stock server (0.80-0.92x at 8 requests). A server instead times both
-heads, on the same synthetic hidden states, when it builds a model's head, and hands batches from
-the first size where dense was as fast to vLLM's dense path.
+heads once, on the same synthetic hidden states, at the first step that reaches the head, and
+hands batches from the first size where dense was within ``FLASH_MARGIN`` of FlashHead to
+vLLM's dense path.
 
 Knows nothing of vLLM: the caller passes the two heads as callables, and ``agree`` to make
 tensor-parallel ranks take the same decisions (each trial is a collective there, so every rank
@@ -25,7 +26,7 @@ import torch
 # Trials stop once the timed calls add up to this (an estimate from the agreed timings, so that
 # every rank stops at the same trial); beyond it the static rule decides.
 # The first decode step that uses the head waits for the trials (a CPU server computes no logits
-# while it warms up): Gemma-3-270M in bf16 spent 2.2 s on 1-8 rows.
+# while it warms up): about 3 s for Gemma-3-270M on 1-8 rows, one core.
 BUDGET_S = 4.0
 MAX_ROWS = 64  # no trial of more rows: the [rows, V] outputs stay small
 REPEATS = 2
