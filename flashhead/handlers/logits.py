@@ -199,7 +199,7 @@ class _FlashHeadState:
         like: torch.Tensor,
     ) -> None:
         """Once per head (a drafter sharing the target's head reuses its figure): time it
-        against the server's own dense head and hand the batches where dense is as fast to it."""
+        against the server's own dense head and hand it the batches where it is about as fast."""
         if self._timed_head is head or self.primary is not None:
             return
         self._timed_head = head
