@@ -53,11 +53,10 @@ class Trial:
 @dataclass(frozen=True)
 class Crossover:
     """``dense_from``: batches of this many rows or more go to the dense head; None when
-    FlashHead was faster at every size tried (up to ``limit`` rows, or until the budget ran
-    out): the static rule then decides beyond ``limit``."""
+    FlashHead was faster at every size tried (up to the trials' limit, or until the budget ran
+    out): the static rule then decides beyond the largest size tried."""
 
     dense_from: int | None
-    limit: int
     trials: tuple[Trial, ...]
 
     def describe(self) -> str:
@@ -147,7 +146,7 @@ def measure_crossover(
     finally:
         global _evict_buffer
         _evict_buffer = None  # 128 MiB a server should not keep
-    return Crossover(dense_won, limit, tuple(sorted(trials, key=lambda t: t.rows)))
+    return Crossover(dense_won, tuple(sorted(trials, key=lambda t: t.rows)))
 
 
 def _trials(

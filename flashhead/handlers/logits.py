@@ -338,19 +338,12 @@ def make_logits_processor(base_cls: type, spec: Any = None) -> type:
                     if counted:
                         state.count("dense", state.dense_reason.label, n_rows)
                     return stock(hidden_states)
-                state.time_against_dense(
-                    head, stock, logit_transform(self.scale, self.soft_cap), hidden_states
-                )
+                transform = logit_transform(self.scale, self.soft_cap)
+                state.time_against_dense(head, stock, transform, hidden_states)
                 # Same dtype as the stock head's output (bf16 for a bf16 model): candidate scores
                 # are rounded as the dense GEMM rounds them, so vLLM's argmax breaks bf16 ties the
                 # same way (smallest id) on both paths.
-                logits = plan_logits(
-                    head,
-                    hidden_states,
-                    plan,
-                    stock,
-                    logit_transform(self.scale, self.soft_cap),
-                )
+                logits = plan_logits(head, hidden_states, plan, stock, transform)
                 if logits is None:  # a later TP rank, where vLLM's gather returns nothing
                     return None
             except ShardMismatch as exc:  # raised on every rank together: all go dense
