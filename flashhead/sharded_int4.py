@@ -179,11 +179,17 @@ def local_top(
     """(values [B, k], cluster ids [B, k]): the k largest keys of each row, ties at the
     threshold to the smallest cluster id (`clusters` [n]: the cluster of each column), as the
     single-rank select breaks them. Ties are common (torch's CPU int4 kernel returns bf16), but
-    only a few keys sit exactly at a row's threshold: those rows are mended one by one."""
+    only a few keys sit exactly at a row's threshold: those rows are mended one by one. Long
+    rows are first narrowed to the blocks that can hold their top k (`reference.top_blocks`)."""
+    narrowed = reference.top_blocks(keys, k)
+    if narrowed is None:
+        clusters = clusters.expand(keys.shape[0], -1)
+    else:
+        keys, clusters = keys.gather(1, narrowed), clusters[narrowed]
     top = keys.topk(k, dim=1, sorted=False)
     threshold = top.values.amin(dim=1, keepdim=True)
     tied = keys == threshold
-    values, ids = top.values, clusters[top.indices]
+    values, ids = top.values, clusters.gather(1, top.indices)
     crossing = (tied.sum(dim=1) > (values == threshold).sum(dim=1)).nonzero().flatten()
     if len(crossing) == 0:
         return values, ids
@@ -191,7 +197,7 @@ def local_top(
     for r in crossing.tolist():
         keep = values[r] > threshold[r]
         room = k - int(keep.sum())
-        smallest = clusters[tied[r].nonzero().flatten()].sort().values[:room]
+        smallest = clusters[r][tied[r]].sort().values[:room]
         ids[r] = torch.cat([ids[r][keep], smallest])
         values[r] = torch.cat([values[r][keep], threshold[r].expand(room)])
     return values, ids
