@@ -83,8 +83,13 @@ def slot_layout(assets: FlashHeadAssets, device: torch.device | str = "cpu") -> 
     return SlotLayout(slot_ids, slot_home, c, s, n_spc)
 
 
-def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
-    """Cluster-major copy of the head (the one extra copy), slot ids and int8 centroids."""
+def build_index(
+    weight: torch.Tensor, assets: FlashHeadAssets, *, cluster_major: bool = True
+) -> ClusterIndex:
+    """Slot ids, stage 1 (int8 centroids or int4 rows) and the cluster-major copy of the head
+    (the one extra copy). `cluster_major=False` skips that copy where the clusters hold one
+    token each: stage 2 then reads the candidates' rows of `weight` itself by token id (the
+    torch backend; the Triton kernels read the copy)."""
     vocab, d = assets.vocab_size, assets.hidden_size
     if weight.dim() != 2 or weight.shape[0] < vocab or weight.shape[1] != d:
         raise ValueError(
@@ -95,18 +100,27 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
         raise ValueError(f"FlashHead.build: head weight must be floating point, got {weight.dtype}")
     device = weight.device
     layout = slot_layout(assets, device)
-    filled = layout.slot_ids >= 0
-    wc = torch.zeros(layout.slot_ids.numel(), d, dtype=weight.dtype, device=device)
-    wc[filled] = weight[layout.slot_ids[filled].to(torch.int64)]
+    c = layout.n_clusters
+    token_rows = None
+    if cluster_major or layout.cluster_size != 1:
+        filled = layout.slot_ids >= 0
+        wc = torch.zeros(layout.slot_ids.numel(), d, dtype=weight.dtype, device=device)
+        wc[filled] = weight[layout.slot_ids[filled].to(torch.int64)]
+        head_rows = wc[:c]  # clusters of one token: the head's rows in cluster order
+    else:
+        wc, token_rows = weight[:0], weight[:vocab]
+        order = layout.slot_ids[:c].to(torch.int64)
+        in_order = bool(torch.equal(order, torch.arange(c, device=device)))
+        # `flashhead convert --stage1 head-int4` keeps token order (no copy at all here).
+        head_rows = weight[:c] if in_order else weight[order]
     rows4 = None
     if assets.stage1 == "head_int4":
         from flashhead.kernels.int4_rows import quantize_int4_rows
 
-        # Clusters of one token: the first c slots of the cluster-major copy are the head's rows
-        # in cluster order, and stage 1 scores each of them at int4 (no centroids at all).
-        rows4 = quantize_int4_rows(wc[: layout.n_clusters])
-        cent_q = torch.zeros(layout.n_clusters, 0, dtype=torch.int8, device=device)
-        scale = torch.ones(layout.n_clusters, dtype=torch.float32, device=device)
+        # Clusters of one token: stage 1 scores each of the head's rows at int4 (no centroids).
+        rows4 = quantize_int4_rows(head_rows)
+        cent_q = torch.zeros(c, 0, dtype=torch.int8, device=device)
+        scale = torch.ones(c, dtype=torch.float32, device=device)
     else:
         cent_q, scale = quantize_centroids(assets.centroids.to(device=device))
     return ClusterIndex(
@@ -115,10 +129,11 @@ def build_index(weight: torch.Tensor, assets: FlashHeadAssets) -> ClusterIndex:
         slot_home=layout.slot_home,
         cent_q=cent_q.contiguous(),
         cent_scale=scale.contiguous(),
-        n_clusters=layout.n_clusters,
+        n_clusters=c,
         cluster_size=layout.cluster_size,
         n_special_clusters=layout.n_special_clusters,
         rows4=rows4,
+        token_rows=token_rows,
     )
 
 
@@ -235,7 +250,10 @@ class FlashHead:
         options: KernelOptions | None = None,
     ) -> FlashHead:
         weight = weight.detach()
-        index = build_index(weight, assets)
+        options = options if options is not None else settings().kernel_options()
+        # The torch backend reads one-token clusters from the head itself: no copy of it.
+        triton = dispatch.resolve_backend(backend, weight.device, options) == "triton"
+        index = build_index(weight, assets, cluster_major=triton)
         head = cls(weight[: assets.vocab_size], index, assets, backend, options)
         if index.rows4 is not None:
             prepare_int4_stage1(head._ops, index.rows4, weight, head._buffers)
@@ -243,7 +261,8 @@ class FlashHead:
 
     @property
     def cluster_major_bytes(self) -> int:
-        """The cluster-major copy of the head (+ its slot ids): at most one extra head."""
+        """The cluster-major copy of the head (+ its slot ids): at most one extra head, and none
+        for one-token clusters on the torch backend."""
         i = self.index
         return sum(t.numel() * t.element_size() for t in (i.wc, i.slot_ids, i.slot_home))
 

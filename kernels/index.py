@@ -17,7 +17,9 @@ class ClusterIndex:
     """Everything both backends read. Built once per process by `flashhead.head.FlashHead.build`.
 
     `wc` holds `n_clusters` clusters followed by `n_special_clusters` always-probed clusters made
-    of the special tokens' rows; slots without a token have id -1 and a zero row.
+    of the special tokens' rows; slots without a token have id -1 and a zero row. With clusters
+    of one token the torch backend keeps no such copy: `wc` is empty and stage 2 reads each
+    candidate's row of the head itself (`token_rows`) by token id.
     """
 
     wc: torch.Tensor  # [c_ext * s, d] head dtype, cluster-major
@@ -31,10 +33,24 @@ class ClusterIndex:
     # Stage 1 on the head's own rows (clusters of one token): an `int4_rows.Int4Rows` of the
     # first n_clusters slots of `wc`, scored instead of the centroids. None: centroids.
     rows4: Int4Rows | None = None
+    # [>= V, d] the model's own head (a view, never a copy), read by token id when `wc` is empty.
+    token_rows: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
         return int(self.wc.shape[1])
+
+
+def stage2_rows(
+    index: ClusterIndex, probes: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [N, s, d], picks [B, P']): stage 2's candidate rows are `rows[picks]`, in the slot
+    order of `ids` (`candidate_ids(index, probes)`): the probed clusters of `wc`, or, without a
+    cluster-major copy, the head's rows of the candidates' token ids (padding and duplicated
+    specials read row 0, which their id -1 masks)."""
+    if index.token_rows is not None:
+        return index.token_rows.unsqueeze(1), ids.clamp_min(0)
+    return index.wc.view(-1, index.cluster_size, index.hidden_size), probes
 
 
 def special_duplicates(index: ClusterIndex, probes: torch.Tensor) -> torch.Tensor:

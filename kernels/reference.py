@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from flashhead.kernels.index import ClusterIndex, candidate_ids
+from flashhead.kernels.index import ClusterIndex, candidate_ids, stage2_rows
 from flashhead.kernels.int4_rows import Int4Rows, dequantize_int4_rows, unpack_int4
 from flashhead.kernels.logit_transform import LogitTransform
 
@@ -303,12 +303,12 @@ def candidate_scores(
     """
     del want_scores
     ids = candidate_ids(index, probes)
+    rows, picks = stage2_rows(index, probes, ids)
     if fast and h.device.type == "cpu":
-        scores = _scores_rowwise(h, index, probes, buffers if buffers is not None else {}, compile)
+        scores = _scores_rowwise(h, rows, picks, buffers if buffers is not None else {}, compile)
     else:
-        s, d = index.cluster_size, index.hidden_size
-        rows = index.wc.view(-1, s, d)[probes].reshape(h.shape[0], -1, d).float()
-        scores = torch.einsum("bkd,bd->bk", rows, h.float())
+        picked = rows[picks].reshape(h.shape[0], -1, rows.shape[2]).float()
+        scores = torch.einsum("bkd,bd->bk", picked, h.float())
     scores.masked_fill_(ids < 0, float("-inf"))
     tokens = pick(ids, scores, inv_t, noise) if want_tokens else None
     return ids, scores, tokens
@@ -339,46 +339,46 @@ def candidate_logits(
 
 
 def _scores_rowwise(
-    h: torch.Tensor, index: ClusterIndex, probes: torch.Tensor, buffers: dict, compile: bool
+    h: torch.Tensor, rows: torch.Tensor, picks: torch.Tensor, buffers: dict, compile: bool
 ) -> torch.Tensor:
-    """Per-row scores on CPU. Preferred: a torch.compile'd gather-dot that reads each probed
-    tile once, straight from the cluster-major copy (no gather copy; fp32 products like the
-    reference). Fallback (no compiler, or `compile` off): gather into one persistent
-    buffer + GEMV per row, which beats a batched gather + bmm (that gather alone is B x 17 MB at
-    the Llama-3.2 shape, and a fresh buffer page-faults on every call)."""
-    s, d = index.cluster_size, index.hidden_size
-    n_rows, n_probe = probes.shape
-    k = n_probe * s
-    wc3 = index.wc.view(-1, s, d)
+    """Per-row scores on CPU of `rows[picks[b]]` ([N, s, d] rows, `index.stage2_rows`).
+    Preferred: a torch.compile'd gather-dot that reads each picked tile once, straight from
+    `rows` (no gather copy; fp32 products like the reference). Fallback (no compiler, or
+    `compile` off): gather into one persistent buffer + GEMV per row, which beats a batched
+    gather + bmm (that gather alone is B x 17 MB at the Llama-3.2 shape, and a fresh buffer
+    page-faults on every call)."""
+    s, d = rows.shape[1], rows.shape[2]
+    n_rows, n_pick = picks.shape
+    k = n_pick * s
     scores = torch.empty(n_rows, k, dtype=torch.float32)
     # Compiling costs seconds; it only pays for heads where the per-row gather is large.
     fused = _compiled_gather_dot() if compile and k * d >= COMPILE_MIN_ELEMENTS else None
     if fused is not None:
         try:
             for b in range(n_rows):
-                scores[b] = fused(wc3, probes[b], h[b]).view(k)
+                scores[b] = fused(rows, picks[b], h[b]).view(k)
             return scores
         except Exception as exc:  # a compiler problem must cost speed, never the answer
             _disable_compile(exc)
-    key = ("gather", index.wc.dtype, n_probe)
+    key = ("gather", rows.dtype, n_pick, s)
     gather = buffers.get(key)
     if gather is None:
-        gather = buffers[key] = torch.empty(n_probe, s, d, dtype=index.wc.dtype)
-    row_out = buffers.get(("row", index.wc.dtype, k))
+        gather = buffers[key] = torch.empty(n_pick, s, d, dtype=rows.dtype)
+    row_out = buffers.get(("row", rows.dtype, k))
     if row_out is None:
-        row_out = buffers[("row", index.wc.dtype, k)] = torch.empty(1, k, dtype=index.wc.dtype)
-    hq = h.to(index.wc.dtype)
+        row_out = buffers[("row", rows.dtype, k)] = torch.empty(1, k, dtype=rows.dtype)
+    hq = h.to(rows.dtype)
     flat = gather.view(k, d)
     for b in range(n_rows):
-        torch.index_select(wc3, 0, probes[b], out=gather)
+        torch.index_select(rows, 0, picks[b], out=gather)
         torch.mm(hq[b : b + 1], flat.t(), out=row_out)
         scores[b].copy_(row_out[0])
     return scores
 
 
-def _gather_dot(wc3: torch.Tensor, probes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """[P, s] float32 scores of the probed clusters' rows against one hidden state."""
-    return (wc3[probes].float() * h.float()).sum(-1)
+def _gather_dot(rows: torch.Tensor, picks: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """[P, s] float32 scores of the picked rows against one hidden state."""
+    return (rows[picks].float() * h.float()).sum(-1)
 
 
 _COMPILE_STATE: dict = {}

@@ -280,6 +280,14 @@ def _select_radix_kernel(
 MAX_SELECT_CLUSTERS = 1 << 16  # keys per row held in one program's registers
 
 
+def _check_cluster_major(index: ClusterIndex) -> None:
+    if index.token_rows is not None:
+        raise ValueError(
+            "this cluster index has no cluster-major copy (built for the torch backend: "
+            "flashhead.head.build_index(..., cluster_major=False)); the Triton kernels read one"
+        )
+
+
 def select_probes(
     keys: torch.Tensor,
     n_probes: int,
@@ -520,6 +528,7 @@ def candidate_scores(
 
     With `want_scores=False` only the tokens are computed (ids and scores are None)."""
     _check_device(h, index.wc, probes)
+    _check_cluster_major(index)
     n_rows, d = h.shape
     n_probe = probes.shape[1]
     s = index.cluster_size
@@ -569,6 +578,7 @@ def candidate_logits(
     token ids, -inf elsewhere; semantics of `reference.candidate_logits`. Two launches (the fill
     and stage 2), no scores or ids in memory: the logits-mode path vLLM calls every step."""
     _check_device(h, index.wc, probes, out)
+    _check_cluster_major(index)
     if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != h.shape[0]:
         raise ValueError(
             f"out must be float32 [{h.shape[0]}, V], got {out.dtype} {list(out.shape)}"

@@ -58,3 +58,34 @@ def test_every_backend_picks_the_reference_tokens(backend, device):
     assert int(finite.sum(1).min()) >= 24 and bool(finite[:, [5, 600]].all())  # specials scored
     exact = h @ weight.T
     torch.testing.assert_close(logits[finite], exact[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["token order", "permuted"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_the_torch_backend_scores_one_token_clusters_on_the_head_itself(order, backend):
+    import dataclasses
+
+    from flashhead.head import build_index, prepare_int4_stage1
+
+    weight, assets = int4_head_assets(24, specials=[5, 600])
+    if order == "token order":  # what `flashhead convert --stage1 head-int4` writes
+        assets = dataclasses.replace(assets, assignments=torch.arange(V))
+    head = FlashHead.build(weight, assets, backend=backend)
+    # No copy of the head: stage 2 reads the model's own rows by token id.
+    assert head.index.wc.numel() == 0
+    assert head.index.token_rows.data_ptr() == weight.data_ptr()
+    assert head.cluster_major_bytes == 2 * 4 * head.index.slot_ids.numel()  # the slot maps only
+    copy_index = build_index(weight, assets, cluster_major=True)
+    with_copy = FlashHead(weight, copy_index, assets, backend=backend)
+    prepare_int4_stage1(with_copy._ops, copy_index.rows4, weight, with_copy._buffers)
+    assert with_copy.cluster_major_bytes > weight.numel() * weight.element_size()
+    h = torch.randn(6, D, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(head.logits(h), with_copy.logits(h))
+    temp = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.5, 0.0])
+
+    def sampled(which: FlashHead) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(20 + i) for i in range(6)]
+        return which.tokens(h, temperature=temp, generators=gens)
+
+    assert torch.equal(sampled(head), sampled(with_copy))
+    assert torch.equal(head.tokens(h), (h @ weight.T).argmax(1))
