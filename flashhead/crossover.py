@@ -15,7 +15,6 @@ must run the same trials in the same order).
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +89,10 @@ def _evict_caches() -> None:
 
 
 def time_call(fn: Callable[[torch.Tensor], Any], h: torch.Tensor, repeats: int = REPEATS) -> float:
-    """Median wall time of ``fn(h)`` over ``repeats`` calls, after one warm-up call, each with
-    the CPU caches emptied first."""
+    """Shortest wall time of ``fn(h)`` over ``repeats`` calls, after one warm-up call, each with
+    the CPU caches emptied first. The shortest, not the median: a server's other processes
+    share these cores while it starts, and their work only ever adds time (at TP=2 on 2 cores a
+    start-up trial once read 112.6 ms for a FlashHead call that takes 49.4)."""
     fn(h)
     times = []
     for _ in range(repeats):
@@ -99,7 +100,7 @@ def time_call(fn: Callable[[torch.Tensor], Any], h: torch.Tensor, repeats: int =
         start = time.perf_counter()
         fn(h)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def synthetic_hidden_states(

@@ -176,3 +176,16 @@ def test_a_fixed_batch_size_comes_before_the_measured_one():
     assert "=6" in dispatch.dense_reason("torch", "cpu", 6, 10, 10_000, 6, None, 2)
     assert "timed within" in dispatch.dense_reason("torch", "cpu", 2, 10, 10_000, None, None, 2)
     assert dispatch.dense_reason("torch", "cpu", 1, 10, 10_000, None, None, 2) == ""
+
+
+def test_a_trial_takes_the_shortest_call(monkeypatch):
+    # Interference (the server's other processes on the same cores) only ever adds time.
+    clock = [0.0]
+    durations = iter([9.0, 5.0, 2.0])  # warm-up, then the timed calls
+    monkeypatch.setattr(crossover.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(crossover, "_evict_caches", lambda: None)
+
+    def call(h):
+        clock[0] += next(durations)
+
+    assert crossover.time_call(call, torch.zeros(1, 4), repeats=2) == 2.0
