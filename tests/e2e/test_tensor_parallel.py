@@ -9,9 +9,7 @@ by vocabulary across the ranks: flashhead/sharded_int4.py) probing every token (
 it token for token), and the centroid model probing one sixteenth of its clusters (must differ,
 and both ranks must say they served it). Compared against TP=2 dense, not TP=1: the reductions differ between the two.
 A fourth server runs the one-sixteenth model at --data-parallel-size 2: two engine cores, each
-with a whole FlashHead of its own. Pipeline parallel is not tested: vLLM's CPU backend fails at
---pipeline-parallel-size 2 even without the plugin (0.27.1 and 0.32.0: an AssertionError in
-`sync_and_gather_intermediate_tensors` on the second stage, at the first request).
+with a whole FlashHead of its own. Pipeline parallel: tests/e2e/test_pipeline_parallel.py.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import pytest
 from helpers.server import VllmServer, run_concurrently, start_all
 
 from e2e._log_lines import NEVER_DENSE, assert_flashhead_path_only
+from e2e._mixed_load import assert_seeded_repeats_and_mixed_load_valid
 from flashhead.server_report import parse_reports
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.parallel]
@@ -132,34 +131,7 @@ def test_rows_are_counted_once_not_per_rank(tp_servers):
 
 
 def test_seeded_sampling_repeats_and_mixed_load_is_valid(tp_servers):
-    server = tp_servers["one"]
-    vocab = json.loads((Path(server.model) / "config.json").read_text())["vocab_size"]
-
-    def sample(prompt: str, **params) -> list[int]:
-        body = {"max_tokens": N_TOKENS, "ignore_eos": True, **params}
-        return list(server.complete(prompt, **body)["choices"][0]["token_ids"])
-
-    seeded = [sample(p, temperature=0.8, seed=7) for p in PROMPTS[:3]]
-    assert [sample(p, temperature=0.8, seed=7) for p in PROMPTS[:3]] == seeded
-    assert seeded != [sample(p, temperature=0.0) for p in PROMPTS[:3]]
-
-    def request(i: int) -> dict:
-        kind = i % 3
-        params: dict = {"max_tokens": 12}
-        if kind == 0:
-            params.update(temperature=0.0)
-        elif kind == 1:
-            params.update(temperature=0.9, seed=i)
-        else:
-            params.update(temperature=0.0, logprobs=2)
-        choice = server.complete(PROMPTS[i % len(PROMPTS)], **params)["choices"][0]
-        return {"kind": kind, "choice": choice}
-
-    for r in run_concurrently([lambda i=i: request(i) for i in range(24)]):
-        ids = r["choice"]["token_ids"]
-        assert ids and all(0 <= t < vocab for t in ids), r
-        if r["kind"] == 2:
-            assert len(r["choice"]["logprobs"]["top_logprobs"]) == len(ids), r
+    assert_seeded_repeats_and_mixed_load_valid(tp_servers["one"], PROMPTS, N_TOKENS, 24)
 
 
 def test_data_parallel_engines_each_serve_flashhead_alike(tp_servers):
