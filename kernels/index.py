@@ -31,7 +31,8 @@ class ClusterIndex:
     cluster_size: int
     n_special_clusters: int
     # Stage 1 on the head's own rows (clusters of one token): an `int4_rows.Int4Rows` of the
-    # first n_clusters slots of `wc`, scored instead of the centroids. None: centroids.
+    # head's rows in cluster order (the first n_clusters slots), scored instead of the
+    # centroids. None: centroids.
     rows4: Int4Rows | None = None
     # [>= V, d] the model's own head (a view, never a copy), read by token id when `wc` is empty.
     token_rows: torch.Tensor | None = None
